@@ -1,0 +1,3 @@
+from onepoch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,186 @@
+"""The ``onepoch`` command line.
+
+User errors (:class:`onepoch.errors.OnepochError`) print one line ``onepoch: error: ...`` and exit
+with status 2; ``--debug`` shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from onepoch import __version__
+from onepoch.errors import ConfigError, DataError, OnepochError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+# --------------------------------------------------------------------------------------------------
+# onepoch prepare
+# --------------------------------------------------------------------------------------------------
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from onepoch.data.prepared import check_out_dir, write_prepared
+    from onepoch.data.sources import SOURCE_NAMES, load_source
+
+    if args.name not in SOURCE_NAMES:
+        from onepoch.config import suggest
+
+        raise DataError(f"unknown dataset source {args.name!r}{suggest(args.name, SOURCE_NAMES)}; "
+                        f"choose one of: {', '.join(SOURCE_NAMES)}")
+    out = Path(args.out)
+    # Refuse a non-dataset --out before spending time on the source.
+    check_out_dir(out, args.name, None, force=True)
+    start = time.perf_counter()
+    data = load_source(args.name, args.source, size=args.size, test_source=args.test_source,
+                       test_fraction=args.test_fraction, grayscale=args.grayscale, seed=args.seed,
+                       download=not args.no_download)
+    if check_out_dir(out, data.name, data.request, force=args.force):
+        print(f"{out} already holds this prepared dataset ({data.name}); nothing to do "
+              "(--force rebuilds it)")
+        return 0
+    write_prepared(data, out, force=args.force)
+    shapes = ", ".join(f"{split} {a.images.shape[0]:,} x {'x'.join(map(str, a.images.shape[1:]))}"
+                       for split, a in data.splits.items())
+    print(f"prepared {data.name} -> {out}: {shapes}, {len(data.class_names)} classes "
+          f"({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# onepoch views
+# --------------------------------------------------------------------------------------------------
+
+
+def render_grid(originals, views, zoom: int, gap: int = 2):
+    """A uint8 (H, W, 3) picture: one row per image, its original then its views.
+
+    ``originals`` uint8 (n, H, W, C); ``views`` float (V, n, C, s, s) in [0, 1].
+    """
+    import numpy as np
+    from PIL import Image
+
+    n, v, c, s = views.shape[1], views.shape[0], views.shape[2], views.shape[3]
+    cell = s * zoom
+    canvas = np.full((n * (cell + gap) + gap, (v + 1) * (cell + gap) + 2 * gap, 3), 255, np.uint8)
+    for i in range(n):
+        y = gap + i * (cell + gap)
+        orig = Image.fromarray(originals[i].squeeze(-1) if c == 1 else originals[i])
+        orig = np.asarray(orig.resize((cell, cell), Image.BICUBIC).convert("RGB"))
+        canvas[y:y + cell, gap:gap + cell] = orig
+        for j in range(v):
+            tile = (views[j, i].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            tile = np.repeat(np.repeat(tile, zoom, 0), zoom, 1)
+            x = 3 * gap + (j + 1) * (cell + gap)
+            canvas[y:y + cell, x:x + cell] = tile if c == 3 else np.repeat(tile, 3, 2)
+    return canvas
+
+
+def cmd_views(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import torch
+    from PIL import Image
+
+    from onepoch.atomic import atomic_open
+    from onepoch.config import parse_override
+    from onepoch.data.prepared import open_split
+    from onepoch.views import load_view_spec, make_views
+
+    split = open_split(args.dataset, args.split)
+    channels = split.shape[2]
+    spec_name = args.spec or ("emp_ssl_fashion_mnist" if channels == 1 else "emp_ssl_cifar")
+    overrides = dict(parse_override(o) for o in args.overrides)
+    spec = load_view_spec(spec_name, overrides)
+    spec = dataclasses.replace(spec, mean=None, std=None, count=min(spec.count, args.views))
+    n = min(args.images, split.num_images)
+    if n < 1:
+        raise ConfigError("--images must be >= 1")
+    images = torch.from_numpy(split.images[:n].copy())
+    views = make_views(images, spec, torch.Generator().manual_seed(args.seed))
+    views = views.view(spec.count, n, channels, spec.size, spec.size)
+    zoom = args.zoom or max(1, math.ceil(64 / spec.size))
+    grid = render_grid(split.images[:n], views, zoom)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out, "wb") as f:
+        Image.fromarray(grid).save(f, format="PNG")
+    print(f"wrote {out}: {n} images x {spec.count} views of {spec.size}x{spec.size} "
+          f"(spec {spec_name}{', ' + ' '.join(args.overrides) if args.overrides else ''})")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Parser and entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onepoch",
+        description="Fast self-supervised learning of image representations (EMP-SSL and baselines).",
+    )
+    parser.add_argument("--version", action="version", version=f"onepoch {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("prepare", help="turn a dataset source into a prepared dataset directory",
+                       description="Read a dataset source and write a prepared dataset (uint8 .npy "
+                       "arrays + meta.json per split) atomically to --out.")
+    p.add_argument("name", metavar="NAME",
+                   help="fashion-mnist, mnist, cifar10, cifar100, folder or npz")
+    p.add_argument("--out", required=True, help="directory to write the prepared dataset to")
+    p.add_argument("--source", help="where the source files are (default: known locations, "
+                   "then a download for the built-in datasets)")
+    p.add_argument("--test-source", help="folder: a second image folder for the test split")
+    p.add_argument("--test-fraction", type=float, help="folder: fraction of each class held out "
+                   "for the test split (default 0.2 without --test-source)")
+    p.add_argument("--size", type=int, help="folder: output image size (resize shorter side, centre crop)")
+    p.add_argument("--grayscale", action="store_true", help="folder: store one channel instead of RGB")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folder train/test split (default 0)")
+    p.add_argument("--force", action="store_true", help="replace an existing prepared dataset at --out")
+    p.add_argument("--no-download", action="store_true", help="never download; fail if no local files")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("views", help="write a PNG grid of random views of a few images",
+                       description="Render random views of the first images of a prepared dataset "
+                       "into a PNG grid: one row per image, the original then its views.")
+    p.add_argument("dataset", metavar="DATASET", help="a prepared dataset directory")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="ViewSpec fields to override, e.g. count=8 blur_p=1.0 crop_scale=[0.2,1]")
+    p.add_argument("--spec", help="a preset (emp_ssl_cifar, emp_ssl_fashion_mnist) or a YAML file "
+                   "of ViewSpec fields (default: the EMP-SSL preset for the dataset's channels)")
+    p.add_argument("--out", default="views.png", help="PNG file to write (default views.png)")
+    p.add_argument("--split", default="train", help="split to take images from (default train)")
+    p.add_argument("--images", type=int, default=8, help="number of images (rows, default 8)")
+    p.add_argument("--views", type=int, default=10, help="at most this many views per image (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the view generator (default 0)")
+    p.add_argument("--zoom", type=int, help="pixel zoom of each view (default: views >= 64 px)")
+    p.set_defaults(func=cmd_views)
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or e.__class__.__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except OnepochError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"onepoch: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("onepoch: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,197 @@
+"""Image folders: ``ROOT/<class name>/<image>.{png,jpg,jpeg}``, decoded to square uint8 arrays.
+
+Rules for a folder source:
+
+- every non-hidden entry of ROOT is a class directory; sorted directory names are the class
+  names and a class's label is its index in that order;
+- every non-hidden entry of a class directory is a PNG or JPEG file (extension checked
+  case-insensitively); anything else -- another file type, a nested directory, a file Pillow
+  cannot decode -- is an error naming it; names starting with '.' are ignored everywhere;
+- each image is converted to RGB (or "L" with ``grayscale``), resized with Pillow's antialiased
+  bicubic filter so that its shorter side is ``size``, then center-cropped to ``size`` x ``size``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from onepoch.data.prepared import SplitArrays
+from onepoch.errors import DataError
+from onepoch.progress import progress
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+DEFAULT_TEST_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class FolderListing:
+    """The images found under a folder source, in label-then-file-name order."""
+
+    root: Path
+    class_names: list[str]
+    paths: list[Path]
+    labels: np.ndarray  # int64, one per path
+
+
+def _visible_entries(directory: Path) -> list[os.DirEntry]:
+    """Entries of ``directory`` whose names do not start with '.', sorted by name."""
+    try:
+        with os.scandir(directory) as it:
+            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as e:
+        raise DataError(f"{directory}: cannot list directory ({e.strerror or e})") from None
+
+
+def list_image_folder(root: str | os.PathLike) -> FolderListing:
+    """List the class directories and image files of ``root`` (see the module docstring).
+
+    Raises :class:`DataError` for a missing or empty root, a loose file in the root, a class
+    directory without images, or an entry that is not a PNG/JPEG file.
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist or is not a directory")
+    entries = _visible_entries(root)
+    if not entries:
+        raise DataError(f"image folder {root} is empty (expected one subfolder per class)")
+    loose = [e.name for e in entries if not e.is_dir()]
+    if loose:
+        raise DataError(
+            f"{root / loose[0]}: file in the root of an image folder; images must be in one "
+            f"subfolder per class ({len(loose)} loose file(s))"
+        )
+    class_names, paths, labels = [], [], []
+    for label, class_dir in enumerate(entries):
+        class_path = root / class_dir.name
+        images = []
+        for e in _visible_entries(class_path):
+            if e.is_dir():
+                raise DataError(f"{class_path / e.name}: unexpected directory inside a class folder")
+            if not e.name.lower().endswith(IMAGE_EXTENSIONS):
+                raise DataError(
+                    f"{class_path / e.name}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})"
+                )
+            images.append(class_path / e.name)
+        if not images:
+            raise DataError(f"{class_path}: class folder contains no images")
+        class_names.append(class_dir.name)
+        paths.extend(images)
+        labels.extend([label] * len(images))
+    return FolderListing(root, class_names, paths, np.asarray(labels, np.int64))
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-class split of indices into (train, test), each in ascending order.
+
+    A class with n >= 2 items puts ``round_half_up(n * test_fraction)`` of them in test, clamped
+    to 1..n-1 (so every such class has at least one train and one test item); a class with a
+    single item puts it in train. Which items go to test is drawn with
+    ``numpy.random.default_rng(seed)``, class by class in label order.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test fraction must be between 0 and 1 (exclusive), got {test_fraction}")
+    rng = np.random.default_rng(seed)
+    test_parts = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        n = members.size
+        if n < 2:
+            continue
+        n_test = min(n - 1, max(1, math.floor(n * test_fraction + 0.5)))
+        test_parts.append(rng.permutation(members)[:n_test])
+    test = np.sort(np.concatenate(test_parts)) if test_parts else np.zeros(0, np.int64)
+    train = np.setdiff1d(np.arange(labels.size), test)
+    return train, test
+
+
+def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) scaled so that the shorter side is ``size`` (rounded, at least ``size``)."""
+    if width <= height:
+        return size, max(size, round(height * size / width))
+    return max(size, round(width * size / height)), size
+
+
+def load_square_image(path: Path, size: int, grayscale: bool = False) -> np.ndarray:
+    """Decode one PNG/JPEG as uint8 (size, size, C), C = 1 with ``grayscale`` else 3:
+    shorter side resized to ``size`` (antialiased bicubic), then center-cropped."""
+    mode = "L" if grayscale else "RGB"
+    try:
+        with Image.open(path) as img:
+            new_w, new_h = _resized_size(img.width, img.height, size)
+            img.draft(mode, (new_w, new_h))  # JPEG only: decode at a reduced scale >= target
+            img = img.convert(mode)
+            if img.size != (new_w, new_h):
+                img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+            left, top = (new_w - size) // 2, (new_h - size) // 2
+            img = img.crop((left, top, left + size, top + size))
+            pixels = np.asarray(img, np.uint8)
+    except Exception as e:  # untrusted file: Pillow raises many exception types
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"{path}: cannot decode image ({reason})") from None
+    return pixels[..., None] if grayscale else pixels
+
+
+def decode_images(paths: list[Path], size: int, grayscale: bool, desc: str) -> np.ndarray:
+    """Decode ``paths`` into one uint8 (N, size, size, C) array, with a progress bar."""
+    out = np.empty((len(paths), size, size, 1 if grayscale else 3), np.uint8)
+    for i, path in enumerate(progress(paths, desc=desc, unit="img")):
+        out[i] = load_square_image(path, size, grayscale)
+    return out
+
+
+def _check_same_classes(train: FolderListing, test: FolderListing) -> None:
+    if train.class_names != test.class_names:
+        only_train = sorted(set(train.class_names) - set(test.class_names))
+        only_test = sorted(set(test.class_names) - set(train.class_names))
+        raise DataError(
+            f"test folder {test.root} has different class folders than {train.root} "
+            f"(only in train: {only_train[:5] or '-'}; only in test: {only_test[:5] or '-'})"
+        )
+
+
+def read_image_folder(root: str | os.PathLike, *, size: int | None, grayscale: bool = False,
+                      test_source: str | os.PathLike | None = None,
+                      test_fraction: float | None = None,
+                      seed: int = 0) -> tuple[dict[str, SplitArrays], list[str]]:
+    """Read an image folder into {"train", "test"} splits and class names.
+
+    The test split is ``test_source`` (a second folder with the same class folders) or else a
+    :func:`stratified_split` of ``root`` with ``test_fraction`` (default 0.2) and ``seed``.
+    ``size`` is required.
+    """
+    if size is None:
+        raise DataError("an image folder source needs a target image size (--size N)")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise DataError(f"image size must be a positive integer, got {size!r}")
+    if test_source is not None and test_fraction is not None:
+        raise DataError("give either a test folder or a test fraction, not both")
+    listing = list_image_folder(root)
+    channels = "grayscale" if grayscale else "RGB"
+    if test_source is not None:
+        test_listing = list_image_folder(test_source)
+        _check_same_classes(listing, test_listing)
+        train_paths, train_labels = listing.paths, listing.labels
+        test_paths, test_labels = test_listing.paths, test_listing.labels
+    else:
+        fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+        train_idx, test_idx = stratified_split(listing.labels, fraction, seed)
+        if test_idx.size == 0:
+            raise DataError(
+                f"{listing.root}: too few images for a test split (every class has only one image)"
+            )
+        train_paths = [listing.paths[i] for i in train_idx]
+        test_paths = [listing.paths[i] for i in test_idx]
+        train_labels, test_labels = listing.labels[train_idx], listing.labels[test_idx]
+    splits = {
+        "train": SplitArrays(decode_images(train_paths, size, grayscale, f"decoding train images ({channels})"),
+                             train_labels),
+        "test": SplitArrays(decode_images(test_paths, size, grayscale, f"decoding test images ({channels})"),
+                            test_labels),
+    }
+    return splits, listing.class_names

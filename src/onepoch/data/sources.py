@@ -1,0 +1,254 @@
+"""Dataset sources: find a dataset's original files (given path, system copy, download cache or a
+fresh download) and read them into a :class:`SourceData`.
+
+Sources: ``fashion-mnist`` and ``mnist`` (IDX files), ``cifar10`` and ``cifar100`` (the official
+python-version archives), ``folder`` (one subfolder per class) and ``npz`` (arrays or JPEG bytes).
+
+Only ``folder`` resizes or converts images: for the other sources ``size`` and ``grayscale`` are
+accepted only when they describe the images as they are (e.g. ``size=32`` for CIFAR,
+``grayscale=True`` for MNIST), and ``test_source`` / ``test_fraction`` are refused because the
+test split comes with the data.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from onepoch.data import cifar, folder, idx, npz
+from onepoch.data.download import download, download_dir, offline
+from onepoch.data.prepared import SourceData, SplitArrays, check_split
+from onepoch.errors import DataError
+
+SOURCE_NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder", "npz")
+
+IDX_SOURCES = ("fashion-mnist", "mnist")
+CIFAR_SOURCES = ("cifar10", "cifar100")
+
+# IDX file stems by (split, kind); each file may be stored plain or gzip-compressed ("<stem>.gz").
+IDX_FILES = {
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
+
+IDX_CLASS_NAMES = {
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "mnist": [str(d) for d in range(10)],
+}
+
+# Where a distribution package puts the files (Debian: `apt-get install dataset-fashion-mnist`).
+SYSTEM_DIRS: dict[str, Path] = {
+    "fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
+    "mnist": Path("/usr/share/datasets/mnist"),
+}
+SYSTEM_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
+
+# Download locations, tried in order; IDX files are fetched as <base URL><stem>.gz.
+IDX_BASE_URLS: dict[str, tuple[str, ...]] = {
+    "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+    "mnist": ("http://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/"),
+}
+CIFAR_URLS: dict[str, str] = {
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+}
+
+
+def _absolute(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _downloads_allowed(download_requested: bool) -> bool:
+    return download_requested and not offline()
+
+
+def _why_no_download(download_requested: bool) -> str:
+    return "downloading is disabled (ONEPOCH_OFFLINE=1)" if download_requested else "downloading is disabled"
+
+
+# --- IDX: fashion-mnist, mnist ---------------------------------------------------------------
+
+
+def find_idx_files(directory: Path) -> dict[tuple[str, str], Path | None]:
+    """The IDX files present in ``directory`` (plain name preferred over ``.gz``), None if absent."""
+    found: dict[tuple[str, str], Path | None] = {}
+    for key, stem in IDX_FILES.items():
+        candidates = [directory / stem, directory / f"{stem}.gz"]
+        found[key] = next((c for c in candidates if c.is_file()), None)
+    return found
+
+
+def _idx_help(name: str) -> str:
+    """How a user can get the IDX files of ``name`` by hand."""
+    files = ", ".join(f"{stem}.gz" for stem in IDX_FILES.values())
+    manual = f"download {files} from {IDX_BASE_URLS[name][-1]} into a directory and pass --source DIR"
+    if name in SYSTEM_PACKAGES:
+        return f"install them with `apt-get install {SYSTEM_PACKAGES[name]}`, or {manual}"
+    return manual
+
+
+def _download_idx_file(name: str, stem: str, dest: Path, bases: list[str]) -> str:
+    """Fetch ``<stem>.gz`` from the first of ``bases`` that serves a gzip file; returns that base."""
+    failures = []
+    for base in bases:
+        url = f"{base}{stem}.gz"
+        try:
+            download(url, dest, desc=f"{name} {stem}.gz")
+        except DataError as e:
+            failures.append(str(e))
+            continue
+        if idx.is_gzip(dest):
+            return base
+        dest.unlink(missing_ok=True)
+        failures.append(f"{url} did not return a gzip file")
+    raise DataError(f"{name}: {'; '.join(failures)}; {_idx_help(name)}")
+
+
+def locate_idx(name: str, source: str | os.PathLike | None, download_requested: bool) -> Path:
+    """The directory holding the four IDX files of ``name``.
+
+    Order: ``source`` if given; the system directory (``SYSTEM_DIRS``); the download cache;
+    else the missing files are downloaded into the cache (unless downloads are disabled).
+    """
+    if source is not None:
+        directory = _absolute(source)
+        if not directory.is_dir():
+            raise DataError(f"{name} source {directory} is not a directory")
+        missing = [IDX_FILES[key] for key, path in find_idx_files(directory).items() if path is None]
+        if missing:
+            raise DataError(f"{directory}: missing {name} file(s) {', '.join(missing)} (plain or .gz)")
+        return directory
+    cache = download_dir(name)
+    for directory in (SYSTEM_DIRS.get(name), cache):
+        if directory is not None and all(find_idx_files(directory).values()):
+            return directory
+    places = " or ".join(str(d) for d in (SYSTEM_DIRS.get(name), cache) if d is not None)
+    if not _downloads_allowed(download_requested):
+        raise DataError(f"{name}: files not found in {places} and "
+                        f"{_why_no_download(download_requested)}; {_idx_help(name)}")
+    bases = list(IDX_BASE_URLS[name])
+    for key, path in find_idx_files(cache).items():
+        if path is None:
+            working = _download_idx_file(name, IDX_FILES[key], cache / f"{IDX_FILES[key]}.gz", bases)
+            bases.remove(working)
+            bases.insert(0, working)  # try the mirror that worked first for the next files
+    return cache
+
+
+def read_idx_source(name: str, directory: Path) -> dict[str, SplitArrays]:
+    """Both splits of an IDX dataset whose four files are in ``directory``."""
+    files = find_idx_files(directory)
+    num_classes = len(IDX_CLASS_NAMES[name])
+    return {
+        split: idx.read_idx_split(files[(split, "images")], files[(split, "labels")], num_classes)
+        for split in ("train", "test")
+    }
+
+
+# --- CIFAR -----------------------------------------------------------------------------------
+
+
+def locate_cifar(name: str, source: str | os.PathLike | None, download_requested: bool) -> Path:
+    """The archive or extracted folder of ``name``: ``source`` if given, else the download cache,
+    else a fresh download into the cache (unless downloads are disabled)."""
+    if source is not None:
+        return cifar.resolve_cifar_source(name, source)
+    archive = cifar.LAYOUTS[name].archive
+    cached = download_dir(name) / archive
+    if cached.is_file():
+        return cached
+    help_text = f"download {CIFAR_URLS[name]} and pass --source PATH (the archive or its folder)"
+    if not _downloads_allowed(download_requested):
+        raise DataError(f"{name}: {archive} not found in {cached.parent} and "
+                        f"{_why_no_download(download_requested)}; {help_text}")
+    try:
+        return download(CIFAR_URLS[name], cached, desc=f"{name} {archive}")
+    except DataError as e:
+        raise DataError(f"{name}: {e}; {help_text}") from None
+
+
+# --- option checks ---------------------------------------------------------------------------
+
+
+def _refuse_split_options(name: str, test_source: Any, test_fraction: Any) -> None:
+    if test_source is not None or test_fraction is not None:
+        raise DataError(
+            f"{name}: a test folder or test fraction applies only to folder sources "
+            f"({name} comes with its own test split)"
+        )
+
+
+def _check_native_format(name: str, splits: dict[str, SplitArrays], size: int | None,
+                         grayscale: bool) -> None:
+    """``size`` / ``grayscale`` may only restate the images' own format for non-folder sources."""
+    height, width, channels = splits["train"].images.shape[1:]
+    if size is not None and (size != height or size != width):
+        raise DataError(
+            f"{name}: images are {height}x{width} and cannot be resized (--size {size}); "
+            "only folder sources are resized"
+        )
+    if grayscale and channels != 1:
+        raise DataError(f"{name}: images are RGB; grayscale conversion applies only to folder sources")
+
+
+def _checked(where: str, splits: dict[str, SplitArrays], class_names: list[str]) -> dict[str, SplitArrays]:
+    """Every split validated and in canonical form (see :func:`check_split`); errors name ``where``."""
+    try:
+        return {s: check_split(s, a.images, a.labels, len(class_names)) for s, a in splits.items()}
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+def load_source(name: str, source: str | os.PathLike | None = None, *, size: int | None = None,
+                test_source: str | os.PathLike | None = None, test_fraction: float | None = None,
+                grayscale: bool = False, seed: int = 0, download: bool = True) -> SourceData:
+    """Read dataset source ``name`` (one of :data:`SOURCE_NAMES`) into train/test splits.
+
+    ``source`` is a path (directory, archive or file, depending on the source); it is required for
+    ``folder`` and ``npz``. ``size``, ``grayscale``, ``test_source``, ``test_fraction`` and
+    ``seed`` shape a folder source (see :func:`onepoch.data.folder.read_image_folder`).
+    ``download=False`` (or ``ONEPOCH_OFFLINE=1``) forbids fetching missing files.
+    The result's ``request`` records the resolved inputs that determine the output.
+    """
+    if name not in SOURCE_NAMES:
+        raise DataError(f"unknown dataset source {name!r} (valid: {', '.join(SOURCE_NAMES)})")
+    if name in ("folder", "npz") and source is None:
+        raise DataError(f"the {name} source needs a path (--source PATH)")
+
+    if name == "folder":
+        root = _absolute(source)
+        test_root = _absolute(test_source) if test_source is not None else None
+        splits, class_names = folder.read_image_folder(
+            root, size=size, grayscale=grayscale, test_source=test_root,
+            test_fraction=test_fraction, seed=seed)
+        request: dict[str, Any] = {"dataset": name, "source": str(root), "size": size,
+                                   "grayscale": bool(grayscale)}
+        if test_root is not None:
+            request["test_source"] = str(test_root)
+        else:
+            fraction = folder.DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+            request.update(test_fraction=float(fraction), seed=int(seed))
+        return SourceData(name, _checked(str(root), splits, class_names), class_names, str(root), request)
+
+    _refuse_split_options(name, test_source, test_fraction)
+    if name in IDX_SOURCES:
+        location = locate_idx(name, source, download)
+        splits = read_idx_source(name, location)
+        class_names = list(IDX_CLASS_NAMES[name])
+    elif name in CIFAR_SOURCES:
+        location = locate_cifar(name, source, download)
+        splits, class_names = cifar.read_cifar(name, location)
+    else:  # npz
+        location = _absolute(source)
+        splits, class_names = npz.read_npz(location)
+    resolved = str(Path(location).resolve())
+    splits = _checked(resolved, splits, class_names)
+    _check_native_format(name, splits, size, grayscale)
+    return SourceData(name, splits, class_names, resolved, {"dataset": name, "source": resolved})

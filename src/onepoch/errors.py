@@ -1,0 +1,13 @@
+"""Errors that a user can cause and fix; the CLI prints them as one line and exits non-zero."""
+
+
+class OnepochError(Exception):
+    """Base class: the message is shown to the user as-is, without a traceback."""
+
+
+class DataError(OnepochError):
+    """A dataset source or prepared dataset is missing, malformed or inconsistent."""
+
+
+class ConfigError(OnepochError):
+    """A configuration key or value is unknown or invalid."""

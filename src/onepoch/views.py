@@ -1,0 +1,553 @@
+"""Batched multi-view augmentation on CPU or CUDA tensors.
+
+``make_views(images, spec, generator)`` turns a uint8 batch ``(B, H, W, C)`` into a float tensor of
+``V*B`` views ``(V*B, C, h, w)``, **patch-major**: rows ``v*B .. v*B+B-1`` are view ``v`` of every
+image. Every random parameter is drawn per view from one ``torch.Generator``; the ops then run as a
+handful of batched tensor kernels (no per-sample Python loop, no PIL):
+
+* random resized crop + horizontal flip + resize: two batched matrix products per view,
+  ``out_c = Wy @ crop_c @ Wx^T``, with per-view interpolation matrices (bilinear or bicubic, with
+  Pillow-style antialiasing when shrinking; the flip is a reversed ``Wx``);
+* colour jitter (brightness, contrast, saturation, hue), grayscale, solarize, normalize: tensor
+  arithmetic over the whole batch; gaussian blur: two batched matrix products with per-view kernels.
+
+The semantics follow torchvision's ``RandomResizedCrop``/``ColorJitter``/``RandomGrayscale`` on
+values in [0, 1] (clamped after each jitter op), with one documented difference: the four jitter
+ops are applied in the fixed order brightness, contrast, saturation, hue rather than in a random
+order per image (brightness, contrast and saturation commute exactly before clamping).
+
+Parameters are drawn on the generator's device; with a CPU generator the same seed gives the same
+views on every device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from onepoch.config import dataclass_from_dict, suggest
+from onepoch.errors import ConfigError
+
+__all__ = [
+    "PRESETS",
+    "ViewParams",
+    "ViewSpec",
+    "apply_view_params",
+    "get_preset",
+    "load_view_spec",
+    "make_views",
+    "sample_view_params",
+]
+
+# ITU-R 601-2 luma, as Pillow's convert("L") and ImageEnhance use.
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+CROP_TRIES = 10  # torchvision's RandomResizedCrop tries 10 times before falling back to a centre crop
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """A view recipe: how many views of each image, their size, and each op's probability/strength.
+
+    ``brightness``/``contrast``/``saturation`` = s draws a factor in [max(0, 1-s), 1+s];
+    ``hue`` = h draws a shift in [-h, h] (fraction of the hue circle, h <= 0.5). ``mean``/``std``
+    (per channel, 0..1 scale) normalise the output when given.
+    """
+
+    count: int = 2
+    size: int = 32
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = "bilinear"
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"ViewSpec.{name} = {getattr(self, name)!r}: {why}")
+
+        if self.count < 1:
+            raise bad("count", "must be >= 1")
+        if self.size < 1:
+            raise bad("size", "must be >= 1")
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise bad("crop_scale", "needs 0 < min <= max <= 1")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            raise bad("crop_ratio", "needs 0 < min <= max")
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise bad("interpolation", "must be 'bilinear' or 'bicubic'")
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise bad(name, "is a probability and must lie in [0, 1]")
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+        if not 0 <= self.hue <= 0.5:
+            raise bad("hue", "must lie in [0, 0.5]")
+        lo, hi = self.blur_sigma
+        if not 0 < lo <= hi:
+            raise bad("blur_sigma", "needs 0 < min <= max")
+        if not 0 <= self.solarize_threshold <= 1:
+            raise bad("solarize_threshold", "must lie in [0, 1]")
+        if (self.mean is None) != (self.std is None):
+            raise bad("mean", "mean and std must be given together")
+        if self.mean is not None and self.std is not None:
+            if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3):
+                raise bad("mean", "mean and std need 1 or 3 values each")
+            if min(self.std) <= 0:
+                raise bad("std", "must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+PRESETS: dict[str, ViewSpec] = {
+    # EMP-SSL's CIFAR patches (Tong et al. 2023, and their code): a fixed 0.25-area square crop
+    # resized to 32x32, flip .5, colour jitter .4/.4/.4/.2 with p .8, grayscale .2, blur .1, solarize .1.
+    "emp_ssl_cifar": ViewSpec(
+        count=20, size=32, crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0), flip_p=0.5,
+        jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2,
+        grayscale_p=0.2, blur_p=0.1, blur_sigma=(0.1, 2.0), solarize_p=0.1,
+    ),
+    # The same recipe sized for 28x28 grayscale Fashion-MNIST: 0.25-area (14x14) crops -> 16x16.
+    # Saturation, hue and grayscale do nothing on one channel, so they are off.
+    "emp_ssl_fashion_mnist": ViewSpec(
+        count=16, size=16, crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0), flip_p=0.5,
+        jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.0, hue=0.0,
+        grayscale_p=0.0, blur_p=0.1, blur_sigma=(0.1, 1.0), solarize_p=0.1,
+    ),
+}
+
+
+def get_preset(name: str) -> ViewSpec:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown view preset {name!r}{suggest(name, PRESETS)}; presets: {', '.join(PRESETS)}"
+        ) from None
+
+
+def load_view_spec(spec: str | Path | dict | ViewSpec | None, overrides: dict[str, Any] | None = None
+                   ) -> ViewSpec:
+    """A ViewSpec from a preset name, a YAML file of ViewSpec keys, a dict, or a ViewSpec; then
+    ``overrides`` (key -> value) on top. Unknown keys are ConfigErrors naming the key."""
+    import yaml
+
+    if isinstance(spec, ViewSpec):
+        base = spec
+    elif spec is None:
+        base = ViewSpec()
+    elif isinstance(spec, dict):
+        base = dataclass_from_dict(ViewSpec, spec, where="ViewSpec")
+    elif str(spec) in PRESETS:
+        base = PRESETS[str(spec)]
+    elif Path(spec).suffix in (".yaml", ".yml", ".json") or Path(spec).exists():
+        path = Path(spec)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read view spec {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        data = data.get("views", data) if isinstance(data, dict) else data
+        base = dataclass_from_dict(ViewSpec, data, where="ViewSpec")
+    else:
+        base = get_preset(str(spec))
+    if overrides:
+        base = dataclass_from_dict(ViewSpec, overrides, where="ViewSpec", base=base)
+    return base
+
+
+# --------------------------------------------------------------------------------------------------
+# Random parameters
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ViewParams:
+    """Per-view random parameters for ``N = count * batch`` views (row ``v*B + b``).
+
+    ``crop`` is ``(N, 4)`` int64 ``top, left, height, width`` in source pixels. Factors hold the
+    identity value (1, or 0 for hue) where the op is not applied.
+    """
+
+    image_index: torch.Tensor  # (N,) int64, source image of each view
+    crop: torch.Tensor  # (N, 4) int64
+    flip: torch.Tensor  # (N,) bool
+    brightness: torch.Tensor  # (N,) float
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+    hue: torch.Tensor
+    grayscale: torch.Tensor  # (N,) bool
+    blur_sigma: torch.Tensor  # (N,) float, 0 = no blur
+    solarize: torch.Tensor  # (N,) bool
+
+    def to(self, device: torch.device | str) -> "ViewParams":
+        return ViewParams(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+
+# Columns of the one uniform draw per view (fixed layout: changing one op's probability never
+# shifts another op's random numbers).
+_U_AREA = slice(0, CROP_TRIES)
+_U_RATIO = slice(CROP_TRIES, 2 * CROP_TRIES)
+_U_TOP, _U_LEFT, _U_FLIP, _U_JITTER = 2 * CROP_TRIES, 2 * CROP_TRIES + 1, 2 * CROP_TRIES + 2, 2 * CROP_TRIES + 3
+_U_B, _U_C, _U_S, _U_H = range(2 * CROP_TRIES + 4, 2 * CROP_TRIES + 8)
+_U_GRAY, _U_BLUR, _U_SIGMA, _U_SOLAR = range(2 * CROP_TRIES + 8, 2 * CROP_TRIES + 12)
+_U_COLUMNS = 2 * CROP_TRIES + 12
+
+
+def _sample_crops(u: torch.Tensor, spec: ViewSpec, height: int, width: int) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params, vectorised: up to 10 tries of (area, log-ratio)
+    per view; the first that fits wins, else a centre crop with the ratio clamped into range."""
+    area = height * width
+    s_lo, s_hi = spec.crop_scale
+    lr_lo, lr_hi = math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1])
+    target = area * (s_lo + (s_hi - s_lo) * u[:, _U_AREA].double())
+    aspect = torch.exp(lr_lo + (lr_hi - lr_lo) * u[:, _U_RATIO].double())
+    w = torch.round(torch.sqrt(target * aspect)).long()
+    h = torch.round(torch.sqrt(target / aspect)).long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)
+    found = fits.any(1)
+    w = w.gather(1, first).squeeze(1)
+    h = h.gather(1, first).squeeze(1)
+    # Fallback: the whole image, cropped to the nearest allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < spec.crop_ratio[0]:
+        fw, fh = width, int(round(width / spec.crop_ratio[0]))
+    elif in_ratio > spec.crop_ratio[1]:
+        fw, fh = int(round(height * spec.crop_ratio[1])), height
+    else:
+        fw, fh = width, height
+    w = torch.where(found, w, torch.full_like(w, fw))
+    h = torch.where(found, h, torch.full_like(h, fh))
+    top = torch.floor(u[:, _U_TOP].double() * (height - h + 1)).long().clamp_(max=height - h)
+    left = torch.floor(u[:, _U_LEFT].double() * (width - w + 1)).long().clamp_(max=width - w)
+    top = torch.where(found, top, (height - h) // 2)
+    left = torch.where(found, left, (width - w) // 2)
+    return torch.stack([top, left, h, w], 1)
+
+
+def _factor(u: torch.Tensor, strength: float, applied: torch.Tensor) -> torch.Tensor:
+    """Uniform factor in [max(0, 1-s), 1+s] where applied, 1 elsewhere."""
+    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
+    f = lo + (hi - lo) * u
+    return torch.where(applied & (strength > 0), f, torch.ones_like(f))
+
+
+def sample_view_params(spec: ViewSpec, batch_size: int, height: int, width: int,
+                       generator: torch.Generator | None = None) -> ViewParams:
+    """Draw the parameters of ``spec.count * batch_size`` views of ``height x width`` images.
+
+    Everything is drawn with one ``torch.rand`` call on the generator's device (CPU by default).
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    n = spec.count * batch_size
+    u = torch.rand(n, _U_COLUMNS, generator=generator, device=device)
+    jitter = u[:, _U_JITTER] < spec.jitter_p
+    blur = u[:, _U_BLUR] < spec.blur_p
+    s_lo, s_hi = spec.blur_sigma
+    return ViewParams(
+        image_index=torch.arange(batch_size, device=device).repeat(spec.count),
+        crop=_sample_crops(u, spec, height, width),
+        flip=u[:, _U_FLIP] < spec.flip_p,
+        brightness=_factor(u[:, _U_B], spec.brightness, jitter),
+        contrast=_factor(u[:, _U_C], spec.contrast, jitter),
+        saturation=_factor(u[:, _U_S], spec.saturation, jitter),
+        hue=torch.where(jitter, spec.hue * (2 * u[:, _U_H] - 1), torch.zeros_like(u[:, _U_H])),
+        grayscale=u[:, _U_GRAY] < spec.grayscale_p,
+        blur_sigma=torch.where(blur, s_lo + (s_hi - s_lo) * u[:, _U_SIGMA], torch.zeros_like(u[:, _U_SIGMA])),
+        solarize=u[:, _U_SOLAR] < spec.solarize_p,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Resampling matrices
+# --------------------------------------------------------------------------------------------------
+
+
+def _filter(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """Interpolation kernels: triangle (bilinear) or Keys cubic with a = -0.5 (Pillow's bicubic)."""
+    t = t.abs()
+    if kind == "bilinear":
+        return (1 - t).clamp_(min=0)
+    a = -0.5
+    t2, t3 = t * t, t * t * t
+    near = (a + 2) * t3 - (a + 3) * t2 + 1
+    far = a * t3 - 5 * a * t2 + 8 * a * t - 4 * a
+    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+
+
+def resample_matrices(lengths: torch.Tensor, out_size: int, window: int, kind: str) -> torch.Tensor:
+    """Rows of the 1-D resampling from a crop of ``length`` source pixels to ``out_size`` pixels,
+    Pillow-style: output pixel ``o`` is centred at ``(o + .5) * length / out_size`` in the crop,
+    the kernel is widened by the scale when shrinking (antialias), pixels outside the crop get no
+    weight, and each row sums to 1. Returns ``(len(lengths), out_size, window)``; columns past a
+    crop's length are 0."""
+    dev = lengths.device
+    length = lengths.to(torch.float64).view(-1, 1, 1)
+    scale = length / out_size
+    centre = (torch.arange(out_size, device=dev, dtype=torch.float64).view(1, -1, 1) + 0.5) * scale
+    src = torch.arange(window, device=dev, dtype=torch.float64).view(1, 1, -1) + 0.5
+    w = _filter((src - centre) / scale.clamp(min=1.0), kind)
+    w = w * (src < length)
+    w = w / w.sum(-1, keepdim=True)
+    return w.to(torch.float32)
+
+
+def _axis_matrices(lengths: torch.Tensor, out_size: int, kind: str) -> torch.Tensor:
+    """Per-view resampling matrices ``(N, out_size, K)``, K = the longest crop; computed once per
+    distinct crop length, then gathered. When every crop has the same length: one ``(out, K)``."""
+    window = int(lengths.max())
+    distinct, inverse = torch.unique(lengths, return_inverse=True)
+    table = resample_matrices(distinct, out_size, window, kind)
+    return table[0] if distinct.numel() == 1 else table.index_select(0, inverse)
+
+
+def _gaussian_blur_matrices(sigma: torch.Tensor, size: int, radius: int) -> torch.Tensor:
+    """``(n, size, size)`` matrices of a 1-D gaussian blur with per-view ``sigma``: kernel
+    ``exp(-t^2 / 2 sigma^2)`` for ``|t| <= radius``, normalised, reflect padding at the borders."""
+    dev = sigma.device
+    t = torch.arange(-radius, radius + 1, device=dev, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
+    kernel = kernel / kernel.sum(1, keepdim=True)  # (n, 2r+1)
+    pos = torch.arange(size, device=dev).view(-1, 1) + t.long().view(1, -1)  # (size, 2r+1)
+    if size > 1:
+        period = 2 * (size - 1)
+        pos = pos.remainder(period)
+        pos = torch.where(pos < size, pos, period - pos)
+    else:
+        pos = torch.zeros_like(pos)
+    n = sigma.shape[0]
+    m = torch.zeros(n, size, size, device=dev, dtype=torch.float32)
+    m.scatter_add_(2, pos.unsqueeze(0).expand(n, -1, -1), kernel.unsqueeze(1).expand(-1, size, -1))
+    return m
+
+
+# --------------------------------------------------------------------------------------------------
+# Colour ops, in place on (n, C, h, w) float tensors in [0, 1]
+# --------------------------------------------------------------------------------------------------
+
+
+class _Scratch:
+    """Reusable scratch buffers for the per-chunk loop. Large fresh CPU allocations page-fault on
+    first touch and cost more than the arithmetic, so every op below writes into these."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, *shape: int) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, device=self.device, dtype=torch.float32)
+            self._buffers[name] = buf
+        return buf[:numel].view(shape)
+
+
+def _gray(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Luma of RGB (n, 3, h, w) into ``out`` (n, 1, h, w)."""
+    r, g, b = GRAY_WEIGHTS
+    return torch.mul(x[:, 0:1], r, out=out).add_(x[:, 1:2], alpha=g).add_(x[:, 2:3], alpha=b)
+
+
+def _adjust_contrast_(x: torch.Tensor, factor: torch.Tensor) -> None:
+    """x <- clamp(f*x + (1-f)*mean(gray(x)))  (mean over the whole view)."""
+    means = x.mean((2, 3))  # (n, C)
+    if x.shape[1] == 3:
+        means = means @ torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype)
+    else:
+        means = means[:, 0]
+    x.mul_(factor.view(-1, 1, 1, 1)).add_(((1 - factor) * means).view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def _adjust_saturation_(x: torch.Tensor, factor: torch.Tensor, scratch: _Scratch) -> None:
+    """x <- clamp(f*x + (1-f)*gray(x))."""
+    n, _, h, w = x.shape
+    gray = _gray(x, scratch.get("gray", n, 1, h, w)).mul_((1 - factor).view(-1, 1, 1, 1))
+    x.mul_(factor.view(-1, 1, 1, 1)).add_(gray).clamp_(0, 1)
+
+
+# HSV -> RGB, written with q = 6*H + offset_k - 3: channel k = min + chroma * clamp(|3 - |q_k|| - 1, 0, 1)
+# for q_k in [-4, 6) (|3 - |q_k|| is the distance from q_k + 3 to the nearest multiple of 6).
+_HUE_OFFSETS = (0.0, -2.0, -4.0)
+
+
+def _adjust_hue_(x: torch.Tensor, shift: torch.Tensor, scratch: _Scratch) -> None:
+    """Rotate the HSV hue of each RGB view by ``shift`` (a fraction of the circle), keeping HSV's
+    V and S: the same result as rgb -> hsv, H <- (H + shift) mod 1, hsv -> rgb."""
+    n, _, h, w = x.shape
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    vmax, vmin, chroma, is_r, is_g, hue6, t1, t2 = (
+        scratch.get(k, n, h, w) for k in ("vmax", "vmin", "chroma", "is_r", "is_g", "hue6", "t1", "t2"))
+    torch.maximum(torch.maximum(r, g, out=vmax), b, out=vmax)
+    torch.minimum(torch.minimum(r, g, out=vmin), b, out=vmin)
+    torch.sub(vmax, vmin, out=chroma)
+    torch.eq(r, vmax, out=is_r)  # red is the max
+    torch.eq(g, vmax, out=is_g).addcmul_(is_g, is_r, value=-1)  # green is, and red is not
+    # 6*H*chroma per sector: red (g-b) | green (b-r) + 2C | blue (r-g) + 4C, the blue one as base.
+    torch.sub(r, g, out=hue6).add_(chroma, alpha=4)
+    torch.sub(g, b, out=t1).sub_(hue6)
+    torch.sub(b, r, out=t2).add_(chroma, alpha=2).sub_(hue6)
+    hue6.addcmul_(is_r, t1).addcmul_(is_g, t2)
+    hue6.div_(torch.clamp(chroma, min=1e-12, out=t1)).add_((6 * shift).view(-1, 1, 1))
+    hue6.sub_(torch.mul(hue6, 1 / 6, out=t1).floor_(), alpha=6)  # into [0, 6)
+    q = torch.add(hue6.unsqueeze(1), torch.tensor(_HUE_OFFSETS, device=x.device).view(1, 3, 1, 1),
+                  out=scratch.get("q", n, 3, h, w))
+    q.abs_().sub_(3).abs_().sub_(1).clamp_(0, 1)
+    torch.addcmul(vmin.unsqueeze(1), chroma.unsqueeze(1), q, out=x)
+
+
+def _apply_subset_(x: torch.Tensor, mask: torch.Tensor, fn, *args) -> None:
+    """x[mask] <- fn(x[mask], *args[mask]) for the views selected by a bool mask."""
+    idx = mask.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return
+    x.index_copy_(0, idx, fn(x.index_select(0, idx), *(a.index_select(0, idx) for a in args)))
+
+
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    n, _, h, w = x.shape
+    return _gray(x, torch.empty(n, 1, h, w, device=x.device, dtype=x.dtype)).expand_as(x)
+
+
+def _solarize(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    if threshold == 0.5:
+        return torch.minimum(x, 1 - x)  # invert values >= 0.5
+    return torch.where(x >= threshold, 1 - x, x)
+
+
+def _blur(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """Separable blur of (n, C, h, w) views with per-view (n, h, h) matrices (square views)."""
+    n, c, h, w = x.shape
+    y = torch.bmm(x.reshape(n, c * h, w), matrices.transpose(1, 2))  # along width
+    if c > 1:
+        matrices = matrices.repeat_interleave(c, 0)
+    return torch.bmm(matrices, y.view(n * c, h, w)).view(n, c, h, w)  # along height
+
+
+# --------------------------------------------------------------------------------------------------
+# Applying views
+# --------------------------------------------------------------------------------------------------
+
+
+def _default_chunk(device: torch.device) -> int:
+    # On CPU, chunks of a few hundred views keep the working set in cache; a GPU takes it all at once.
+    return 1 << 30 if device.type == "cuda" else 384
+
+
+def apply_view_params(images: torch.Tensor, params: ViewParams, spec: ViewSpec, *,
+                      dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                      chunk: int | None = None) -> torch.Tensor:
+    """Render the views described by ``params`` from ``images`` (uint8 (B, H, W, C), or float in
+    [0, 1]); returns ``(N, C, size, size)`` of ``dtype`` on the images' device."""
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must be (B, H, W, C) with C in (1, 3), got {tuple(images.shape)}")
+    device = images.device
+    bsz, _, width, channels = images.shape
+    p = params.to(device)
+    n = p.crop.shape[0]
+    size = spec.size
+
+    # Crops: Kh x Kw windows (the longest crop) read through a strided view of the zero-padded
+    # sources; a flipped view reads its crop from the mirrored image instead.
+    tops, lefts, hs, ws = p.crop.unbind(1)
+    wy = _axis_matrices(hs, size, spec.interpolation)  # (N, size, Kh) or shared (size, Kh)
+    wx = _axis_matrices(ws, size, spec.interpolation).transpose(-1, -2)  # (N, Kw, size) or (Kw, size)
+    kh, kw = wy.shape[-1], wx.shape[-2]
+    src = torch.cat([images, images.flip(2)]).permute(0, 3, 1, 2)
+    src = torch.nn.functional.pad(src.to(torch.float32, memory_format=torch.contiguous_format),
+                                  (0, kw - 1, 0, kh - 1))
+    windows = src.unfold(2, kh, 1).unfold(3, kw, 1).permute(0, 2, 3, 1, 4, 5)  # (2B, H, W, C, Kh, Kw)
+    source = p.image_index + bsz * p.flip.long()
+    lefts = torch.where(p.flip, width - lefts - ws, lefts)
+    # Brightness and the uint8 -> [0, 1] scale are applied to the (smaller) crops.
+    gain = (p.brightness * (1 / 255 if images.dtype == torch.uint8 else 1.0)).view(-1, 1, 1, 1)
+    if wy.ndim == 3 and channels > 1:
+        wy = wy.repeat_interleave(channels, 0)  # one matrix per (view, channel)
+
+    jitter = spec.jitter_p > 0
+    contrast = jitter and spec.contrast > 0
+    saturation = jitter and channels == 3 and spec.saturation > 0
+    hue = jitter and channels == 3 and spec.hue > 0
+    grayscale = channels == 3 and spec.grayscale_p > 0
+    blurred = p.blur_sigma > 0
+    if spec.blur_p > 0 and bool(blurred.any()):
+        radius = max(1, math.ceil(3 * spec.blur_sigma[1]))  # the same truncation for every view
+        blur_matrices = _gaussian_blur_matrices(p.blur_sigma[blurred], size, radius)
+        blur_row = torch.cumsum(blurred.long(), 0) - 1  # view -> its row in blur_matrices
+    if spec.mean is not None and spec.std is not None:
+        if len(spec.mean) not in (1, channels):
+            raise ValueError(f"ViewSpec mean/std have {len(spec.mean)} values but the images have {channels} channels")
+        mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
+        inv_std = 1 / torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
+
+    out = torch.empty(n, channels, size, size, device=device, dtype=dtype)
+    scratch = _Scratch(device)
+    step = chunk or _default_chunk(device)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        m = e - s
+        crops = windows[source[s:e], tops[s:e], lefts[s:e]].mul_(gain[s:e])  # (m, C, Kh, Kw)
+        cols = scratch.get("cols", m * channels, kh, size)
+        x = out[s:e] if dtype == torch.float32 else scratch.get("x", m, channels, size, size)
+        # Resize = two products: along the width (cols = crops @ wx), then the height (wy @ cols).
+        # Where every crop has the same size the matrices are shared and the first is one big GEMM.
+        if wx.ndim == 2:
+            torch.mm(crops.view(-1, kw), wx, out=cols.view(-1, size))
+        else:
+            torch.bmm(crops.view(m, channels * kh, kw), wx[s:e], out=cols.view(m, channels * kh, size))
+        rows = wy.expand(m * channels, size, kh) if wy.ndim == 2 else wy[s * channels:e * channels]
+        torch.bmm(rows, cols, out=x.view(-1, size, size))
+        x.clamp_(0, 1)  # interpolation overshoot and brightness > 1
+        if contrast:
+            _adjust_contrast_(x, p.contrast[s:e])
+        if saturation:
+            _adjust_saturation_(x, p.saturation[s:e], scratch)
+        if hue and bool((p.hue[s:e] != 0).any()):
+            _adjust_hue_(x, p.hue[s:e], scratch)
+        if grayscale:
+            _apply_subset_(x, p.grayscale[s:e], _grayscale)
+        if spec.blur_p > 0:
+            idx = blurred[s:e].nonzero().squeeze(1)
+            if idx.numel():
+                x.index_copy_(0, idx, _blur(x.index_select(0, idx), blur_matrices[blur_row[s + idx]]))
+        if spec.solarize_p > 0:
+            _apply_subset_(x, p.solarize[s:e], lambda v: _solarize(v, spec.solarize_threshold))
+        if spec.mean is not None:
+            x.sub_(mean).mul_(inv_std)
+        if dtype != torch.float32:
+            out[s:e].copy_(x)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def make_views(images: torch.Tensor, spec: ViewSpec, generator: torch.Generator | None = None, *,
+               dtype: torch.dtype = torch.float32, channels_last: bool = False,
+               chunk: int | None = None) -> torch.Tensor:
+    """``spec.count`` random views of each image of a uint8 batch ``(B, H, W, C)``, patch-major:
+    returns ``(count*B, C, size, size)`` with row ``v*B + b`` = view ``v`` of image ``b``."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, H, W, C), got shape {tuple(images.shape)}")
+    params = sample_view_params(spec, images.shape[0], images.shape[1], images.shape[2], generator)
+    return apply_view_params(images, params, spec, dtype=dtype, channels_last=channels_last, chunk=chunk)
