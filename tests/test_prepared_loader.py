@@ -68,7 +68,7 @@ def test_failed_replace_keeps_the_old_dataset(toy, monkeypatch):
     import onepoch.data.prepared as prepared
 
     before = (toy / "train" / "images.npy").read_bytes()
-    monkeypatch.setattr(prepared, "channel_stats", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+    monkeypatch.setattr(prepared, "channel_stats", lambda *a, **k: (_ for _ in ()).throw(OSError("killed")))
     with pytest.raises(OSError):
         write_prepared(make_source(seed=1), toy, force=True)
     assert (toy / "train" / "images.npy").read_bytes() == before

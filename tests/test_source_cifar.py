@@ -16,13 +16,6 @@ from onepoch.data.sources import load_source
 from onepoch.errors import DataError
 
 
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("ONEPOCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("ONEPOCH_PROGRESS", "0")
-    monkeypatch.delenv("ONEPOCH_OFFLINE", raising=False)
-
-
 class Py2StylePickler(pickle._Pickler):
     """Writes bytes and str the way Python 2's cPickle wrote ``str`` (BINSTRING opcodes), as in
     the real CIFAR files (so e.g. numpy's dtype arguments load as b"u1"); Python 3's own

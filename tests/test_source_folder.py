@@ -15,12 +15,6 @@ from onepoch.errors import DataError
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
 
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("ONEPOCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("ONEPOCH_PROGRESS", "0")
-
-
 def solid(path: Path, size: tuple[int, int], color: tuple[int, int, int], fmt: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path, format=fmt)

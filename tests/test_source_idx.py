@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
-import http.server
 import struct
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +24,8 @@ STEMS = {
 
 
 @pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch):
-    """Empty cache, no system copy, progress bars off, downloads allowed, no proxies."""
-    monkeypatch.setenv("ONEPOCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("ONEPOCH_PROGRESS", "0")
-    monkeypatch.delenv("ONEPOCH_OFFLINE", raising=False)
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
+def no_system_copy(tmp_path, monkeypatch):
+    """No Debian copy of the files unless a test says so."""
     empty = tmp_path / "no-system-copy"
     empty.mkdir()
     monkeypatch.setattr(sources, "SYSTEM_DIRS", {"fashion-mnist": empty, "mnist": empty})
@@ -183,38 +175,8 @@ def test_files_already_in_the_cache_are_used_offline(tmp_path, monkeypatch):
     assert data.source == str(tmp_path / "cache" / "downloads" / "mnist")
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    requested: list[str]  # set per server: the paths asked for, in order
-
-    def do_GET(self):
-        self.requested.append(self.path)
-        super().do_GET()
-
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    """A local HTTP server in a thread serving tmp_path/www; yields (root dir, base URL, paths
-    requested so far)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    requested: list[str] = []
-    handler = type("Handler", (_QuietHandler,), {"requested": requested})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_port}", requested
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
 def test_download_from_a_local_server_end_to_end(tmp_path, monkeypatch, http_server):
-    root, base, requested = http_server
+    root, base, requested = http_server.root, http_server.url, http_server.requested
     arrays = make_idx_dir(root / "mnist", gz=True)
     # the first mirror answers 404, so the second one must be used
     monkeypatch.setitem(sources.IDX_BASE_URLS, "mnist", (f"{base}/gone/", f"{base}/mnist/"))
@@ -234,7 +196,7 @@ def test_download_from_a_local_server_end_to_end(tmp_path, monkeypatch, http_ser
 
 
 def test_download_failure_names_the_url_and_leaves_no_partial_file(tmp_path, monkeypatch, http_server):
-    _root, base, _ = http_server
+    base = http_server.url
     monkeypatch.setitem(sources.IDX_BASE_URLS, "fashion-mnist", (f"{base}/missing/",))
     with pytest.raises(DataError) as info:
         load_source("fashion-mnist")
@@ -246,7 +208,7 @@ def test_download_failure_names_the_url_and_leaves_no_partial_file(tmp_path, mon
 
 
 def test_a_download_that_is_not_gzip_is_discarded(tmp_path, monkeypatch, http_server):
-    root, base, _ = http_server
+    root, base = http_server.root, http_server.url
     (root / "html").mkdir()
     for stem in STEMS.values():
         (root / "html" / f"{stem}.gz").write_text("<html>not here</html>")

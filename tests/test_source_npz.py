@@ -13,12 +13,6 @@ from onepoch.data.sources import load_source
 from onepoch.errors import DataError
 
 
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("ONEPOCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("ONEPOCH_PROGRESS", "0")
-
-
 def jpeg_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=90)

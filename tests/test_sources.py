@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-import http.server
 import socket
-import threading
 
 import pytest
 
 from onepoch.data import download as dl
 from onepoch.data.sources import SOURCE_NAMES, load_source
 from onepoch.errors import DataError
-
-
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("ONEPOCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("ONEPOCH_PROGRESS", "0")
-    monkeypatch.delenv("ONEPOCH_OFFLINE", raising=False)
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
 
 
 def test_source_names():
@@ -55,42 +43,8 @@ def test_offline_switch(monkeypatch, value, expected):
     assert dl.offline() is expected
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves files; ``/short`` promises 1000 bytes and sends 10 (a dropped connection)."""
-
-    def do_GET(self):
-        if self.path == "/short":
-            self.send_response(200)
-            self.send_header("Content-Length", "1000")
-            self.end_headers()
-            self.wfile.write(b"0123456789")
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        super().do_GET()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def http_server(tmp_path):
-    """A local HTTP server in a thread serving tmp_path/www; yields (root dir, base URL)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
 def test_download_writes_the_file_atomically(tmp_path, http_server):
-    root, base = http_server
+    root, base = http_server.root, http_server.url
     payload = bytes(range(256)) * 1000
     (root / "blob.bin").write_bytes(payload)
     dest = tmp_path / "out" / "sub" / "blob.bin"
@@ -100,7 +54,7 @@ def test_download_writes_the_file_atomically(tmp_path, http_server):
 
 
 def test_download_http_error(tmp_path, http_server):
-    _root, base = http_server
+    base = http_server.url
     dest = tmp_path / "out" / "x.gz"
     with pytest.raises(DataError, match=rf"download of {base}/nothing\.gz failed: HTTP 404"):
         dl.download(f"{base}/nothing.gz", dest, desc="x")
@@ -108,7 +62,7 @@ def test_download_http_error(tmp_path, http_server):
 
 
 def test_download_short_read_leaves_nothing(tmp_path, http_server):
-    _root, base = http_server
+    base = http_server.url
     dest = tmp_path / "x.bin"
     with pytest.raises(DataError, match=rf"download of {base}/short failed: "):
         dl.download(f"{base}/short", dest, desc="x")

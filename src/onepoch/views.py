@@ -313,13 +313,13 @@ def resample_matrices(lengths: torch.Tensor, out_size: int, window: int, kind: s
     return w.to(torch.float32)
 
 
-def _axis_matrices(lengths: torch.Tensor, out_size: int, kind: str) -> torch.Tensor:
-    """Per-view resampling matrices ``(N, out_size, K)``, K = the longest crop; computed once per
-    distinct crop length, then gathered. When every crop has the same length: one ``(out, K)``."""
-    window = int(lengths.max())
+def _axis_matrices(lengths: torch.Tensor, out_size: int, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resampling matrices for crops of ``lengths``: a table ``(U, out_size, K)`` with one matrix
+    per distinct length (K = the longest crop) and each view's row in it; the index is None when
+    every crop has the same length (one shared matrix)."""
     distinct, inverse = torch.unique(lengths, return_inverse=True)
-    table = resample_matrices(distinct, out_size, window, kind)
-    return table[0] if distinct.numel() == 1 else table.index_select(0, inverse)
+    table = resample_matrices(distinct, out_size, int(distinct.max()), kind)
+    return table, (None if distinct.numel() == 1 else inverse)
 
 
 def _gaussian_blur_matrices(sigma: torch.Tensor, size: int, radius: int) -> torch.Tensor:
@@ -417,12 +417,10 @@ def _adjust_hue_(x: torch.Tensor, shift: torch.Tensor, scratch: _Scratch) -> Non
     torch.addcmul(vmin.unsqueeze(1), chroma.unsqueeze(1), q, out=x)
 
 
-def _apply_subset_(x: torch.Tensor, mask: torch.Tensor, fn, *args) -> None:
-    """x[mask] <- fn(x[mask], *args[mask]) for the views selected by a bool mask."""
-    idx = mask.nonzero().squeeze(1)
-    if idx.numel() == 0:
-        return
-    x.index_copy_(0, idx, fn(x.index_select(0, idx), *(a.index_select(0, idx) for a in args)))
+def _apply_rows_(x: torch.Tensor, rows: torch.Tensor, fn, *args) -> None:
+    """x[rows] <- fn(x[rows], *args) for a (possibly empty) index of rows."""
+    if rows.numel():
+        x.index_copy_(0, rows, fn(x.index_select(0, rows), *args))
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -446,8 +444,71 @@ def _blur(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Applying views
+# Applying views: plan on the host, then run batched kernels on the images' device
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """Everything the kernels need, decided on the host from CPU parameters, so that rendering on
+    a GPU needs no device-to-host synchronisation and one host-to-device copy per dtype."""
+
+    source: torch.Tensor  # (N,) row of the stacked [images, mirrored images] to crop from
+    tops: torch.Tensor  # (N,)
+    lefts: torch.Tensor  # (N,) in the (possibly mirrored) source
+    wy: torch.Tensor  # (U, size, Kh) resampling along the height, one per distinct crop height
+    wy_index: torch.Tensor | None  # (N,) row of wy; None: all views share wy[0]
+    wx: torch.Tensor  # (U', Kw, size) resampling along the width (transposed)
+    wx_index: torch.Tensor | None
+    gain: torch.Tensor  # (N,) brightness / 255 for uint8 input
+    contrast: torch.Tensor  # (N,)
+    saturation: torch.Tensor  # (N,)
+    hue: torch.Tensor  # (N,)
+    grayscale: torch.Tensor  # (k,) sorted indices of the views turned gray
+    blur: torch.Tensor  # (k,) sorted indices of the blurred views
+    blur_matrices: torch.Tensor  # (k, size, size)
+    solarize: torch.Tensor  # (k,) sorted indices of the solarized views
+
+    def to(self, device: torch.device) -> "_Plan":
+        """Move every tensor with one copy per dtype (pinned + non-blocking on CUDA)."""
+        if device.type == "cpu":
+            return self
+        names = [f.name for f in fields(self) if getattr(self, f.name) is not None]
+        moved: dict[str, torch.Tensor | None] = {f.name: None for f in fields(self)}
+        for dtype in (torch.float32, torch.int64):
+            group = [n for n in names if getattr(self, n).dtype == dtype]
+            flat = torch.cat([getattr(self, n).reshape(-1) for n in group])
+            flat = flat.pin_memory().to(device, non_blocking=True)
+            for n, part in zip(group, flat.split([getattr(self, n).numel() for n in group])):
+                moved[n] = part.view(getattr(self, n).shape)
+        return _Plan(**moved)
+
+
+def _make_plan(p: ViewParams, spec: ViewSpec, batch_size: int, width: int, scale: float) -> _Plan:
+    tops, lefts, hs, ws = p.crop.unbind(1)
+    wy, wy_index = _axis_matrices(hs, spec.size, spec.interpolation)
+    wx, wx_index = _axis_matrices(ws, spec.size, spec.interpolation)
+    blur = (p.blur_sigma > 0).nonzero().squeeze(1)
+    radius = max(1, math.ceil(3 * spec.blur_sigma[1]))  # the same truncation for every view
+    return _Plan(
+        source=p.image_index + batch_size * p.flip.long(),
+        tops=tops,
+        # a flipped view takes the mirrored crop from the mirrored image
+        lefts=torch.where(p.flip, width - lefts - ws, lefts),
+        wy=wy, wy_index=wy_index, wx=wx.transpose(1, 2).contiguous(), wx_index=wx_index,
+        gain=(p.brightness * scale).float(),
+        contrast=p.contrast.float(), saturation=p.saturation.float(), hue=p.hue.float(),
+        grayscale=p.grayscale.nonzero().squeeze(1) if spec.grayscale_p > 0 else torch.zeros(0, dtype=torch.long),
+        blur=blur,
+        blur_matrices=_gaussian_blur_matrices(p.blur_sigma[blur].float(), spec.size, radius),
+        solarize=p.solarize.nonzero().squeeze(1) if spec.solarize_p > 0 else torch.zeros(0, dtype=torch.long),
+    )
+
+
+def _rows_in(host_rows: torch.Tensor, start: int, end: int) -> slice:
+    """The slice of a sorted index tensor that falls in [start, end) (bounds found on the host copy)."""
+    lo, hi = torch.searchsorted(host_rows, torch.tensor([start, end])).tolist()
+    return slice(lo, hi)
 
 
 def _default_chunk(device: torch.device) -> int:
@@ -464,40 +525,28 @@ def apply_view_params(images: torch.Tensor, params: ViewParams, spec: ViewSpec, 
         raise ValueError(f"images must be (B, H, W, C) with C in (1, 3), got {tuple(images.shape)}")
     device = images.device
     bsz, _, width, channels = images.shape
-    p = params.to(device)
-    n = p.crop.shape[0]
+    if spec.mean is not None and len(spec.mean) not in (1, channels):
+        raise ValueError(f"ViewSpec mean/std have {len(spec.mean)} values but the images have {channels} channels")
     size = spec.size
+    host = params.to("cpu")
+    scale = 1 / 255 if images.dtype == torch.uint8 else 1.0
+    host_plan = _make_plan(host, spec, bsz, width, scale)
+    plan = host_plan.to(device)
+    n = host.crop.shape[0]
+    kh, kw = plan.wy.shape[-1], plan.wx.shape[-2]
 
-    # Crops: Kh x Kw windows (the longest crop) read through a strided view of the zero-padded
-    # sources; a flipped view reads its crop from the mirrored image instead.
-    tops, lefts, hs, ws = p.crop.unbind(1)
-    wy = _axis_matrices(hs, size, spec.interpolation)  # (N, size, Kh) or shared (size, Kh)
-    wx = _axis_matrices(ws, size, spec.interpolation).transpose(-1, -2)  # (N, Kw, size) or (Kw, size)
-    kh, kw = wy.shape[-1], wx.shape[-2]
+    # Crops are Kh x Kw windows (the longest crop) read through a strided view of the zero-padded
+    # sources, the mirrored images stacked after the originals.
     src = torch.cat([images, images.flip(2)]).permute(0, 3, 1, 2)
     src = torch.nn.functional.pad(src.to(torch.float32, memory_format=torch.contiguous_format),
                                   (0, kw - 1, 0, kh - 1))
     windows = src.unfold(2, kh, 1).unfold(3, kw, 1).permute(0, 2, 3, 1, 4, 5)  # (2B, H, W, C, Kh, Kw)
-    source = p.image_index + bsz * p.flip.long()
-    lefts = torch.where(p.flip, width - lefts - ws, lefts)
-    # Brightness and the uint8 -> [0, 1] scale are applied to the (smaller) crops.
-    gain = (p.brightness * (1 / 255 if images.dtype == torch.uint8 else 1.0)).view(-1, 1, 1, 1)
-    if wy.ndim == 3 and channels > 1:
-        wy = wy.repeat_interleave(channels, 0)  # one matrix per (view, channel)
 
     jitter = spec.jitter_p > 0
     contrast = jitter and spec.contrast > 0
     saturation = jitter and channels == 3 and spec.saturation > 0
     hue = jitter and channels == 3 and spec.hue > 0
-    grayscale = channels == 3 and spec.grayscale_p > 0
-    blurred = p.blur_sigma > 0
-    if spec.blur_p > 0 and bool(blurred.any()):
-        radius = max(1, math.ceil(3 * spec.blur_sigma[1]))  # the same truncation for every view
-        blur_matrices = _gaussian_blur_matrices(p.blur_sigma[blurred], size, radius)
-        blur_row = torch.cumsum(blurred.long(), 0) - 1  # view -> its row in blur_matrices
     if spec.mean is not None and spec.std is not None:
-        if len(spec.mean) not in (1, channels):
-            raise ValueError(f"ViewSpec mean/std have {len(spec.mean)} values but the images have {channels} channels")
         mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
         inv_std = 1 / torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
 
@@ -507,32 +556,36 @@ def apply_view_params(images: torch.Tensor, params: ViewParams, spec: ViewSpec, 
     for s in range(0, n, step):
         e = min(n, s + step)
         m = e - s
-        crops = windows[source[s:e], tops[s:e], lefts[s:e]].mul_(gain[s:e])  # (m, C, Kh, Kw)
+        crops = windows[plan.source[s:e], plan.tops[s:e], plan.lefts[s:e]]  # (m, C, Kh, Kw)
+        crops.mul_(plan.gain[s:e].view(-1, 1, 1, 1))  # brightness (resizing is linear)
         cols = scratch.get("cols", m * channels, kh, size)
         x = out[s:e] if dtype == torch.float32 else scratch.get("x", m, channels, size, size)
         # Resize = two products: along the width (cols = crops @ wx), then the height (wy @ cols).
-        # Where every crop has the same size the matrices are shared and the first is one big GEMM.
-        if wx.ndim == 2:
-            torch.mm(crops.view(-1, kw), wx, out=cols.view(-1, size))
+        # When all crops have the same width the first is one big GEMM with a shared matrix.
+        if plan.wx_index is None:
+            torch.mm(crops.view(-1, kw), plan.wx[0], out=cols.view(-1, size))
         else:
-            torch.bmm(crops.view(m, channels * kh, kw), wx[s:e], out=cols.view(m, channels * kh, size))
-        rows = wy.expand(m * channels, size, kh) if wy.ndim == 2 else wy[s * channels:e * channels]
+            torch.bmm(crops.view(m, channels * kh, kw), plan.wx.index_select(0, plan.wx_index[s:e]),
+                      out=cols.view(m, channels * kh, size))
+        if plan.wy_index is None:
+            rows = plan.wy[0].expand(m * channels, size, kh)
+        else:
+            rows = plan.wy.index_select(0, plan.wy_index[s:e].repeat_interleave(channels))
         torch.bmm(rows, cols, out=x.view(-1, size, size))
         x.clamp_(0, 1)  # interpolation overshoot and brightness > 1
         if contrast:
-            _adjust_contrast_(x, p.contrast[s:e])
+            _adjust_contrast_(x, plan.contrast[s:e])
         if saturation:
-            _adjust_saturation_(x, p.saturation[s:e], scratch)
-        if hue and bool((p.hue[s:e] != 0).any()):
-            _adjust_hue_(x, p.hue[s:e], scratch)
-        if grayscale:
-            _apply_subset_(x, p.grayscale[s:e], _grayscale)
-        if spec.blur_p > 0:
-            idx = blurred[s:e].nonzero().squeeze(1)
-            if idx.numel():
-                x.index_copy_(0, idx, _blur(x.index_select(0, idx), blur_matrices[blur_row[s + idx]]))
-        if spec.solarize_p > 0:
-            _apply_subset_(x, p.solarize[s:e], lambda v: _solarize(v, spec.solarize_threshold))
+            _adjust_saturation_(x, plan.saturation[s:e], scratch)
+        if hue and bool(host_plan.hue[s:e].any()):
+            _adjust_hue_(x, plan.hue[s:e], scratch)
+        if channels == 3:
+            r = _rows_in(host_plan.grayscale, s, e)
+            _apply_rows_(x, plan.grayscale[r] - s, _grayscale)
+        r = _rows_in(host_plan.blur, s, e)
+        _apply_rows_(x, plan.blur[r] - s, _blur, plan.blur_matrices[r])
+        r = _rows_in(host_plan.solarize, s, e)
+        _apply_rows_(x, plan.solarize[r] - s, _solarize, spec.solarize_threshold)
         if spec.mean is not None:
             x.sub_(mean).mul_(inv_std)
         if dtype != torch.float32:

@@ -27,6 +27,7 @@ import numpy as np
 from onepoch import __version__
 from onepoch.atomic import publish_dir, staging_dir
 from onepoch.errors import DataError
+from onepoch.progress import progress
 
 FORMAT = "onepoch-prepared"
 FORMAT_VERSION = 1
@@ -87,23 +88,22 @@ def check_split(split: str, images: np.ndarray, labels: np.ndarray, num_classes:
 def array_sha256(a: np.ndarray, chunk_rows: int = 4096) -> str:
     """sha256 of an array's raw C-order bytes (chunked, so memmaps are not read into RAM at once)."""
     h = hashlib.sha256()
-    if a.ndim == 0 or a.shape[0] == 0:
-        h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()
-    for start in range(0, a.shape[0], chunk_rows):
-        h.update(memoryview(np.ascontiguousarray(a[start : start + chunk_rows])).cast("B"))
+    for start in range(0, max(1, a.shape[0] if a.ndim else 1), chunk_rows):
+        h.update(np.ascontiguousarray(a[start : start + chunk_rows] if a.ndim else a).tobytes())
     return h.hexdigest()
 
 
-def channel_stats(images: np.ndarray, chunk_rows: int = 4096) -> tuple[list[float], list[float]]:
+def channel_stats(images: np.ndarray, chunk_rows: int = 4096, on_chunk=None) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images (N, H, W, C), on the 0..1 scale."""
     c = images.shape[-1]
     s = np.zeros(c, np.float64)
     s2 = np.zeros(c, np.float64)
     for start in range(0, images.shape[0], chunk_rows):
-        x = images[start : start + chunk_rows].reshape(-1, c).astype(np.float64)
-        s += x.sum(0)
-        s2 += (x * x).sum(0)
+        x = images[start : start + chunk_rows].reshape(-1, c).astype(np.float32)
+        s += x.sum(0, dtype=np.float64)
+        s2 += np.einsum("ij,ij->j", x, x, dtype=np.float64)
+        if on_chunk is not None:
+            on_chunk(min(chunk_rows, images.shape[0] - start))
     n = images.shape[0] * images.shape[1] * images.shape[2]
     mean = s / n
     std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
@@ -184,7 +184,8 @@ def write_prepared(data: SourceData, out: str | os.PathLike, *, force: bool = Fa
             d.mkdir()
             np.save(d / "images.npy", arrays.images)
             np.save(d / "labels.npy", arrays.labels)
-            mean, std = channel_stats(arrays.images)
+            with progress(total=arrays.images.shape[0], desc=f"statistics of {split}", unit="img") as bar:
+                mean, std = channel_stats(arrays.images, on_chunk=bar.update)
             _write_json(
                 d / "meta.json",
                 {
