@@ -93,6 +93,8 @@ def cmd_views(args: argparse.Namespace) -> int:
     from onepoch.data.prepared import open_split
     from onepoch.views import load_view_spec, make_views
 
+    if args.images < 1 or args.views < 1:
+        raise ConfigError("--images and --views must be >= 1")
     split = open_split(args.dataset, args.split)
     channels = split.shape[2]
     spec_name = args.spec or ("emp_ssl_fashion_mnist" if channels == 1 else "emp_ssl_cifar")
@@ -100,8 +102,6 @@ def cmd_views(args: argparse.Namespace) -> int:
     spec = load_view_spec(spec_name, overrides)
     spec = dataclasses.replace(spec, mean=None, std=None, count=min(spec.count, args.views))
     n = min(args.images, split.num_images)
-    if n < 1:
-        raise ConfigError("--images must be >= 1")
     images = torch.from_numpy(split.images[:n].copy())
     views = make_views(images, spec, torch.Generator().manual_seed(args.seed))
     views = views.view(spec.count, n, channels, spec.size, spec.size)

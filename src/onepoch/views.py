@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from onepoch.config import dataclass_from_dict, suggest
@@ -214,21 +215,26 @@ _U_GRAY, _U_BLUR, _U_SIGMA, _U_SOLAR = range(2 * CROP_TRIES + 8, 2 * CROP_TRIES 
 _U_COLUMNS = 2 * CROP_TRIES + 12
 
 
-def _sample_crops(u: torch.Tensor, spec: ViewSpec, height: int, width: int) -> torch.Tensor:
+def _sample_crops(u: np.ndarray, spec: ViewSpec, height: int, width: int) -> np.ndarray:
     """torchvision's RandomResizedCrop.get_params, vectorised: up to 10 tries of (area, log-ratio)
-    per view; the first that fits wins, else a centre crop with the ratio clamped into range."""
-    area = height * width
+    per view; the first that fits wins, else a centre crop with the ratio clamped into range.
+    Returns (N, 4) int64 ``top, left, height, width``."""
+    n = u.shape[0]
     s_lo, s_hi = spec.crop_scale
     lr_lo, lr_hi = math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1])
-    target = area * (s_lo + (s_hi - s_lo) * u[:, _U_AREA].double())
-    aspect = torch.exp(lr_lo + (lr_hi - lr_lo) * u[:, _U_RATIO].double())
-    w = torch.round(torch.sqrt(target * aspect)).long()
-    h = torch.round(torch.sqrt(target / aspect)).long()
+    if s_lo == s_hi and lr_lo == lr_hi:  # a fixed crop size (EMP-SSL): one try decides for all
+        u_area, u_ratio = u[:1, _U_AREA], u[:1, _U_RATIO]
+    else:
+        u_area, u_ratio = u[:, _U_AREA], u[:, _U_RATIO]
+    target = height * width * (s_lo + (s_hi - s_lo) * u_area.astype(np.float64))
+    aspect = np.exp(lr_lo + (lr_hi - lr_lo) * u_ratio.astype(np.float64))
+    w = np.round(np.sqrt(target * aspect)).astype(np.int64)  # round half to even, like Python's round
+    h = np.round(np.sqrt(target / aspect)).astype(np.int64)
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.int().argmax(1, keepdim=True)
+    first = fits.argmax(1)[:, None]
     found = fits.any(1)
-    w = w.gather(1, first).squeeze(1)
-    h = h.gather(1, first).squeeze(1)
+    w = np.take_along_axis(w, first, 1)[:, 0]
+    h = np.take_along_axis(h, first, 1)[:, 0]
     # Fallback: the whole image, cropped to the nearest allowed aspect ratio.
     in_ratio = width / height
     if in_ratio < spec.crop_ratio[0]:
@@ -237,46 +243,52 @@ def _sample_crops(u: torch.Tensor, spec: ViewSpec, height: int, width: int) -> t
         fw, fh = int(round(height * spec.crop_ratio[1])), height
     else:
         fw, fh = width, height
-    w = torch.where(found, w, torch.full_like(w, fw))
-    h = torch.where(found, h, torch.full_like(h, fh))
-    top = torch.floor(u[:, _U_TOP].double() * (height - h + 1)).long().clamp_(max=height - h)
-    left = torch.floor(u[:, _U_LEFT].double() * (width - w + 1)).long().clamp_(max=width - w)
-    top = torch.where(found, top, (height - h) // 2)
-    left = torch.where(found, left, (width - w) // 2)
-    return torch.stack([top, left, h, w], 1)
+    w = np.broadcast_to(np.where(found, w, fw), (n,))
+    h = np.broadcast_to(np.where(found, h, fh), (n,))
+    found = np.broadcast_to(found, (n,))
+    top = np.minimum(np.floor(u[:, _U_TOP] * (height - h + 1)).astype(np.int64), height - h)
+    left = np.minimum(np.floor(u[:, _U_LEFT] * (width - w + 1)).astype(np.int64), width - w)
+    top = np.where(found, top, (height - h) // 2)
+    left = np.where(found, left, (width - w) // 2)
+    return np.stack([top, left, h, w], 1)
 
 
-def _factor(u: torch.Tensor, strength: float, applied: torch.Tensor) -> torch.Tensor:
+def _factor(u: np.ndarray, strength: float, applied: np.ndarray) -> np.ndarray:
     """Uniform factor in [max(0, 1-s), 1+s] where applied, 1 elsewhere."""
+    if strength == 0:
+        return np.ones_like(u)
     lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
-    f = lo + (hi - lo) * u
-    return torch.where(applied & (strength > 0), f, torch.ones_like(f))
+    return np.where(applied, lo + (hi - lo) * u, np.float32(1)).astype(np.float32)
 
 
 def sample_view_params(spec: ViewSpec, batch_size: int, height: int, width: int,
                        generator: torch.Generator | None = None) -> ViewParams:
     """Draw the parameters of ``spec.count * batch_size`` views of ``height x width`` images.
 
-    Everything is drawn with one ``torch.rand`` call on the generator's device (CPU by default).
+    All randomness is one ``torch.rand`` call with ``generator`` (on its device); the parameters
+    are then derived on the host, so a CPU generator with the same seed gives the same views on
+    every device. The result lives on the CPU.
     """
     device = generator.device if generator is not None else torch.device("cpu")
     n = spec.count * batch_size
-    u = torch.rand(n, _U_COLUMNS, generator=generator, device=device)
+    u = torch.rand(n, _U_COLUMNS, generator=generator, device=device).cpu().numpy()
     jitter = u[:, _U_JITTER] < spec.jitter_p
     blur = u[:, _U_BLUR] < spec.blur_p
     s_lo, s_hi = spec.blur_sigma
-    return ViewParams(
-        image_index=torch.arange(batch_size, device=device).repeat(spec.count),
+    zeros = np.zeros(n, np.float32)
+    arrays = dict(
+        image_index=np.tile(np.arange(batch_size, dtype=np.int64), spec.count),
         crop=_sample_crops(u, spec, height, width),
         flip=u[:, _U_FLIP] < spec.flip_p,
         brightness=_factor(u[:, _U_B], spec.brightness, jitter),
         contrast=_factor(u[:, _U_C], spec.contrast, jitter),
         saturation=_factor(u[:, _U_S], spec.saturation, jitter),
-        hue=torch.where(jitter, spec.hue * (2 * u[:, _U_H] - 1), torch.zeros_like(u[:, _U_H])),
+        hue=np.where(jitter, spec.hue * (2 * u[:, _U_H] - 1), zeros).astype(np.float32),
         grayscale=u[:, _U_GRAY] < spec.grayscale_p,
-        blur_sigma=torch.where(blur, s_lo + (s_hi - s_lo) * u[:, _U_SIGMA], torch.zeros_like(u[:, _U_SIGMA])),
+        blur_sigma=np.where(blur, s_lo + (s_hi - s_lo) * u[:, _U_SIGMA], zeros).astype(np.float32),
         solarize=u[:, _U_SOLAR] < spec.solarize_p,
     )
+    return ViewParams(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,13 +325,13 @@ def resample_matrices(lengths: torch.Tensor, out_size: int, window: int, kind: s
     return w.to(torch.float32)
 
 
-def _axis_matrices(lengths: torch.Tensor, out_size: int, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _axis_matrices(lengths: np.ndarray, out_size: int, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Resampling matrices for crops of ``lengths``: a table ``(U, out_size, K)`` with one matrix
     per distinct length (K = the longest crop) and each view's row in it; the index is None when
     every crop has the same length (one shared matrix)."""
-    distinct, inverse = torch.unique(lengths, return_inverse=True)
-    table = resample_matrices(distinct, out_size, int(distinct.max()), kind)
-    return table, (None if distinct.numel() == 1 else inverse)
+    distinct, inverse = np.unique(lengths, return_inverse=True)
+    table = resample_matrices(torch.from_numpy(distinct), out_size, int(distinct.max()), kind)
+    return table, (None if distinct.size == 1 else torch.from_numpy(inverse.reshape(-1).astype(np.int64)))
 
 
 def _gaussian_blur_matrices(sigma: torch.Tensor, size: int, radius: int) -> torch.Tensor:
@@ -466,7 +478,7 @@ class _Plan:
     hue: torch.Tensor  # (N,)
     grayscale: torch.Tensor  # (k,) sorted indices of the views turned gray
     blur: torch.Tensor  # (k,) sorted indices of the blurred views
-    blur_matrices: torch.Tensor  # (k, size, size)
+    blur_sigma: torch.Tensor  # (k,) their sigmas
     solarize: torch.Tensor  # (k,) sorted indices of the solarized views
 
     def to(self, device: torch.device) -> "_Plan":
@@ -485,30 +497,37 @@ class _Plan:
 
 
 def _make_plan(p: ViewParams, spec: ViewSpec, batch_size: int, width: int, scale: float) -> _Plan:
-    tops, lefts, hs, ws = p.crop.unbind(1)
+    """Derive the kernels' inputs from CPU parameters (numpy: cheap for ~10^4 views)."""
+    crop = p.crop.numpy()
+    tops, lefts, hs, ws = crop.T
+    flip = p.flip.numpy()
     wy, wy_index = _axis_matrices(hs, spec.size, spec.interpolation)
     wx, wx_index = _axis_matrices(ws, spec.size, spec.interpolation)
-    blur = (p.blur_sigma > 0).nonzero().squeeze(1)
-    radius = max(1, math.ceil(3 * spec.blur_sigma[1]))  # the same truncation for every view
+    sigma = p.blur_sigma.numpy()
+
+    def rows(mask: torch.Tensor, prob: float) -> torch.Tensor:
+        return torch.from_numpy(np.flatnonzero(mask.numpy()) if prob > 0 else np.zeros(0, np.int64))
+
+    blur = rows(p.blur_sigma > 0, spec.blur_p)
     return _Plan(
-        source=p.image_index + batch_size * p.flip.long(),
-        tops=tops,
+        source=torch.from_numpy(p.image_index.numpy() + batch_size * flip),
+        tops=torch.from_numpy(np.ascontiguousarray(tops)),
         # a flipped view takes the mirrored crop from the mirrored image
-        lefts=torch.where(p.flip, width - lefts - ws, lefts),
+        lefts=torch.from_numpy(np.where(flip, width - lefts - ws, lefts)),
         wy=wy, wy_index=wy_index, wx=wx.transpose(1, 2).contiguous(), wx_index=wx_index,
-        gain=(p.brightness * scale).float(),
-        contrast=p.contrast.float(), saturation=p.saturation.float(), hue=p.hue.float(),
-        grayscale=p.grayscale.nonzero().squeeze(1) if spec.grayscale_p > 0 else torch.zeros(0, dtype=torch.long),
+        gain=torch.from_numpy((p.brightness.numpy() * scale).astype(np.float32)),
+        contrast=p.contrast, saturation=p.saturation, hue=p.hue,
+        grayscale=rows(p.grayscale, spec.grayscale_p),
         blur=blur,
-        blur_matrices=_gaussian_blur_matrices(p.blur_sigma[blur].float(), spec.size, radius),
-        solarize=p.solarize.nonzero().squeeze(1) if spec.solarize_p > 0 else torch.zeros(0, dtype=torch.long),
+        blur_sigma=torch.from_numpy(sigma[blur.numpy()]),
+        solarize=rows(p.solarize, spec.solarize_p),
     )
 
 
 def _rows_in(host_rows: torch.Tensor, start: int, end: int) -> slice:
     """The slice of a sorted index tensor that falls in [start, end) (bounds found on the host copy)."""
-    lo, hi = torch.searchsorted(host_rows, torch.tensor([start, end])).tolist()
-    return slice(lo, hi)
+    lo, hi = np.searchsorted(host_rows.numpy(), (start, end))
+    return slice(int(lo), int(hi))
 
 
 def _default_chunk(device: torch.device) -> int:
@@ -534,6 +553,8 @@ def apply_view_params(images: torch.Tensor, params: ViewParams, spec: ViewSpec, 
     plan = host_plan.to(device)
     n = host.crop.shape[0]
     kh, kw = plan.wy.shape[-1], plan.wx.shape[-2]
+    radius = max(1, math.ceil(3 * spec.blur_sigma[1]))  # the same truncation for every view
+    blur_matrices = _gaussian_blur_matrices(plan.blur_sigma, size, radius)
 
     # Crops are Kh x Kw windows (the longest crop) read through a strided view of the zero-padded
     # sources, the mirrored images stacked after the originals.
@@ -583,7 +604,7 @@ def apply_view_params(images: torch.Tensor, params: ViewParams, spec: ViewSpec, 
             r = _rows_in(host_plan.grayscale, s, e)
             _apply_rows_(x, plan.grayscale[r] - s, _grayscale)
         r = _rows_in(host_plan.blur, s, e)
-        _apply_rows_(x, plan.blur[r] - s, _blur, plan.blur_matrices[r])
+        _apply_rows_(x, plan.blur[r] - s, _blur, blur_matrices[r])
         r = _rows_in(host_plan.solarize, s, e)
         _apply_rows_(x, plan.solarize[r] - s, _solarize, spec.solarize_threshold)
         if spec.mean is not None:
