@@ -63,8 +63,8 @@ def test_split_is_seeded(tmp_path):
     assert np.array_equal(a.splits["test"].images, b.splits["test"].images)
     assert np.bincount(a.splits["test"].labels).tolist() == [3, 3, 3]
     # the green channel identifies the image; test images are disjoint from train images
-    train_ids = {(int(l), int(im[0, 0, 1])) for im, l in zip(a.splits["train"].images, a.splits["train"].labels)}
-    test_ids = {(int(l), int(im[0, 0, 1])) for im, l in zip(a.splits["test"].images, a.splits["test"].labels)}
+    train_ids = {(int(y), int(im[0, 0, 1])) for im, y in zip(a.splits["train"].images, a.splits["train"].labels)}
+    test_ids = {(int(y), int(im[0, 0, 1])) for im, y in zip(a.splits["test"].images, a.splits["test"].labels)}
     assert len(train_ids) == 21 and len(test_ids) == 9 and not train_ids & test_ids
     seeds = {tuple(load_source("folder", root, size=4, seed=s).splits["test"].images[:, 0, 0, 1]) for s in range(4)}
     assert len(seeds) > 1

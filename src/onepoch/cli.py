@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from onepoch import __version__
-from onepoch.errors import ConfigError, DataError, OnepochError
+from onepoch.errors import ConfigError, DataError, OnepochError, one_line
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -167,10 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or e.__class__.__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -184,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     except OnepochError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"onepoch: error: {_one_line(e)}", file=sys.stderr)
+        print(f"onepoch: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("onepoch: interrupted", file=sys.stderr)

@@ -11,3 +11,8 @@ class DataError(OnepochError):
 
 class ConfigError(OnepochError):
     """A configuration key or value is unknown or invalid."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (whitespace collapsed), or its class name when empty."""
+    return " ".join(str(e).split()) or type(e).__name__

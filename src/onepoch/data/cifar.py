@@ -25,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from onepoch.data.prepared import SplitArrays
-from onepoch.errors import DataError
+from onepoch.errors import DataError, one_line
 from onepoch.progress import progress
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -75,10 +75,6 @@ LAYOUTS = {
         num_classes=100,
     ),
 }
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _numpy_multiarray():
@@ -136,7 +132,7 @@ def unpickle_restricted(data: bytes, where: str) -> Any:
     except DataError:
         raise
     except Exception as e:  # untrusted input: pickle can fail with many exception types
-        raise DataError(f"{where}: not a valid pickle ({_one_line(e)})") from None
+        raise DataError(f"{where}: not a valid pickle ({one_line(e)})") from None
 
 
 def _get(d: dict, key: str) -> Any:
@@ -274,7 +270,7 @@ def read_cifar(name: str, path: str | os.PathLike) -> tuple[dict[str, SplitArray
     except DataError:
         raise
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: cannot read ({_one_line(e)}); the file is truncated or corrupt") from None
+        raise DataError(f"{path}: cannot read ({one_line(e)}); the file is truncated or corrupt") from None
     found = set(batches) | ({layout.meta_member} if class_names is not None else set())
     missing = [m for m in layout.members if m not in found]
     if missing:

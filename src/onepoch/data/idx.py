@@ -19,7 +19,7 @@ from typing import BinaryIO
 import numpy as np
 
 from onepoch.data.prepared import SplitArrays
-from onepoch.errors import DataError
+from onepoch.errors import DataError, one_line
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
@@ -27,10 +27,6 @@ GZIP_MAGIC = b"\x1f\x8b"
 MAX_PAYLOAD_BYTES = 1 << 34  # 16 GiB: anything larger is a corrupt header, not a dataset
 
 _READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 def is_gzip(path: str | os.PathLike) -> bool:
@@ -100,7 +96,7 @@ def read_idx(path: str | os.PathLike, *, magic: int, ndims: int, kind: str) -> n
     except DataError:
         raise
     except _READ_ERRORS as e:
-        raise DataError(f"{path}: cannot read ({_one_line(e)}); the file is truncated or corrupt") from None
+        raise DataError(f"{path}: cannot read ({one_line(e)}); the file is truncated or corrupt") from None
     return values
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from onepoch.data.prepared import SplitArrays, check_split
-from onepoch.errors import DataError
+from onepoch.errors import DataError, one_line
 from onepoch.progress import progress
 
 SPLITS = ("train", "test")
@@ -36,10 +36,6 @@ CLASS_NAMES_KEY = "class_names"
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK"
 _LOAD_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 class _NpzArrays:
@@ -53,7 +49,7 @@ class _NpzArrays:
         try:
             return self.npz[key]
         except _LOAD_ERRORS as e:
-            raise DataError(f"{self.path}: cannot read array {key!r} ({_one_line(e)})") from None
+            raise DataError(f"{self.path}: cannot read array {key!r} ({one_line(e)})") from None
 
 
 def detect_layout(path: Path, keys: set[str]) -> str:
@@ -122,7 +118,7 @@ def decode_jpeg_split(path: Path, split: str, data: np.ndarray, offsets: np.ndar
         try:
             img = _decode_jpeg(raw[bounds[i]:bounds[i + 1]])
         except Exception as e:  # untrusted bytes: Pillow raises many exception types
-            raise DataError(f"{path}: {split} image {i} is not a valid JPEG ({_one_line(e)})") from None
+            raise DataError(f"{path}: {split} image {i} is not a valid JPEG ({one_line(e)})") from None
         if first is None:
             if img.mode not in ("L", "RGB"):
                 raise DataError(f"{path}: {split} image {i} has mode {img.mode} (expected L or RGB)")
@@ -176,7 +172,7 @@ def read_npz(path: str | os.PathLike) -> tuple[dict[str, SplitArrays], list[str]
         try:
             npz = np.load(f, allow_pickle=False)
         except _LOAD_ERRORS as e:
-            raise DataError(f"{path}: not a readable .npz file ({_one_line(e)})") from None
+            raise DataError(f"{path}: not a readable .npz file ({one_line(e)})") from None
         with npz:
             return _read_splits(path, _NpzArrays(path, npz))
 
