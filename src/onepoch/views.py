@@ -5,9 +5,10 @@
 image. Every random parameter is drawn per view from one ``torch.Generator``; the ops then run as a
 handful of batched tensor kernels (no per-sample Python loop, no PIL):
 
-* random resized crop + horizontal flip + resize: two batched matrix products per view,
-  ``out_c = Wy @ crop_c @ Wx^T``, with per-view interpolation matrices (bilinear or bicubic, with
-  Pillow-style antialiasing when shrinking; the flip is a reversed ``Wx``);
+* random resized crop + horizontal flip + resize: the crop window is gathered from the image (or
+  from its mirror image, for a flipped view) and resized by two matrix products,
+  ``out_c = Wy @ crop_c @ Wx^T``, with interpolation matrices per crop size (bilinear or bicubic,
+  Pillow-style antialiasing when shrinking);
 * colour jitter (brightness, contrast, saturation, hue), grayscale, solarize, normalize: tensor
   arithmetic over the whole batch; gaussian blur: two batched matrix products with per-view kernels.
 
@@ -16,8 +17,9 @@ values in [0, 1] (clamped after each jitter op), with one documented difference:
 ops are applied in the fixed order brightness, contrast, saturation, hue rather than in a random
 order per image (brightness, contrast and saturation commute exactly before clamping).
 
-Parameters are drawn on the generator's device; with a CPU generator the same seed gives the same
-views on every device.
+The random numbers come from one ``torch.rand`` call with the generator; everything else about
+the parameters is derived on the host, so with a CPU generator the same seed gives the same views
+on every device, and rendering on a GPU needs no device-to-host synchronisation.
 """
 
 from __future__ import annotations
