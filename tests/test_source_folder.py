@@ -205,3 +205,20 @@ def test_single_image_classes_cannot_make_a_test_split(tmp_path):
         load_source("folder", tmp_path / "one", size=8)
     with pytest.raises(DataError, match=r"either a test folder or a test fraction, not both"):
         load_source("folder", tmp_path / "one", size=8, test_source=tmp_path / "one", test_fraction=0.5)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # a 20 wide x 10 tall picture stored sideways: EXIF orientation 6 = rotate 90 degrees clockwise
+    raw = np.zeros((10, 20, 3), np.uint8)
+    raw[:, :, 0] = np.arange(20, dtype=np.uint8)[None, :] * 12  # red grows left to right
+    raw[:, :, 1] = np.arange(10, dtype=np.uint8)[:, None] * 25  # green grows top to bottom
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for cls in ("a", "b"):
+        for i in range(2):
+            path = tmp_path / "src" / cls / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(raw).save(path, exif=exif)
+    data = load_source("folder", tmp_path / "src", size=10, test_fraction=0.5)
+    upright = np.rot90(raw, k=-1)  # 20 tall x 10 wide
+    np.testing.assert_array_equal(data.splits["train"].images[0], upright[5:15])

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from onepoch.data.prepared import SplitArrays
-from onepoch.errors import DataError
+from onepoch.errors import DataError, one_line
 from onepoch.progress import progress
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -117,23 +117,30 @@ def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     return max(size, round(width * size / height)), size
 
 
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
 def load_square_image(path: Path, size: int, grayscale: bool = False) -> np.ndarray:
-    """Decode one PNG/JPEG as uint8 (size, size, C), C = 1 with ``grayscale`` else 3:
-    shorter side resized to ``size`` (antialiased bicubic), then center-cropped."""
+    """Decode one PNG/JPEG as uint8 (size, size, C), C = 1 with ``grayscale`` else 3: turned
+    upright by its EXIF orientation, shorter side resized to ``size`` (antialiased bicubic),
+    then center-cropped."""
     mode = "L" if grayscale else "RGB"
     try:
         with Image.open(path) as img:
-            new_w, new_h = _resized_size(img.width, img.height, size)
-            img.draft(mode, (new_w, new_h))  # JPEG only: decode at a reduced scale >= target
-            img = img.convert(mode)
+            transposed = img.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSED_ORIENTATIONS
+            width, height = (img.height, img.width) if transposed else (img.width, img.height)
+            new_w, new_h = _resized_size(width, height, size)
+            # JPEG only: decode at a reduced scale that is still >= the target
+            img.draft(mode, (new_h, new_w) if transposed else (new_w, new_h))
+            img = ImageOps.exif_transpose(img).convert(mode)
             if img.size != (new_w, new_h):
                 img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
             left, top = (new_w - size) // 2, (new_h - size) // 2
             img = img.crop((left, top, left + size, top + size))
             pixels = np.asarray(img, np.uint8)
     except Exception as e:  # untrusted file: Pillow raises many exception types
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise DataError(f"{path}: cannot decode image ({reason})") from None
+        raise DataError(f"{path}: cannot decode image ({one_line(e)})") from None
     return pixels[..., None] if grayscale else pixels
 
 
