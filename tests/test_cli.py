@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import os
 import struct
 import subprocess
 import sys
@@ -86,6 +87,24 @@ def test_force_rebuilds_a_prepared_dataset(tmp_path, capsys):
     assert np.array_equal(open_split(out).images, first)
     code, _, _ = run_cli(capsys, "prepare", "mnist", "--source", tmp_path / "b", "--out", out, "--force")
     assert code == 0 and not np.array_equal(open_split(out).images, first)
+
+
+def test_prepare_again_reads_nothing_unless_the_files_changed(tmp_path, capsys, monkeypatch):
+    src, out = write_idx_dir(tmp_path / "src"), tmp_path / "mnist"
+    assert run_cli(capsys, "prepare", "mnist", "--source", src, "--out", out)[0] == 0
+
+    def must_not_decode(*args):
+        raise AssertionError("the source was decoded again")
+
+    decode = sources.read_idx_source
+    monkeypatch.setattr(sources, "read_idx_source", must_not_decode)
+    code, stdout, _ = run_cli(capsys, "prepare", "mnist", "--source", src, "--out", out)
+    assert code == 0 and "already holds this prepared dataset" in stdout
+    monkeypatch.setattr(sources, "read_idx_source", decode)
+    labels = src / "train-labels-idx1-ubyte.gz"
+    os.utime(labels, ns=(labels.stat().st_atime_ns, labels.stat().st_mtime_ns + 10**9))  # the file changed
+    code, _, err = run_cli(capsys, "prepare", "mnist", "--source", src, "--out", out)
+    assert_one_line_error(code, err, "already holds another prepared dataset.*--force")
 
 
 def _truncated_gzip(d: Path) -> Path:

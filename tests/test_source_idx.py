@@ -14,6 +14,11 @@ from onepoch.data.idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx_images, read_i
 from onepoch.data.sources import load_source
 from onepoch.errors import DataError
 
+
+def where_from(request: dict) -> dict:
+    """The dataset and resolved source of a request (without the file stamps)."""
+    return {k: request[k] for k in ("dataset", "source")}
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 STEMS = {
     "train_images": "train-images-idx3-ubyte",
@@ -70,7 +75,7 @@ def test_fashion_mnist_from_debian_directory(monkeypatch):
     assert sorted(np.unique(test.labels).tolist()) == list(range(10))
     assert data.class_names[0] == "T-shirt/top" and data.class_names[9] == "Ankle boot"
     assert data.source == str(DEBIAN_FASHION_MNIST)
-    assert data.request == {"dataset": "fashion-mnist", "source": str(DEBIAN_FASHION_MNIST)}
+    assert where_from(data.request) == {"dataset": "fashion-mnist", "source": str(DEBIAN_FASHION_MNIST)}
     assert 50 < train.images.mean() < 100  # real clothing images, not zeros
 
 
@@ -84,7 +89,8 @@ def test_generated_idx_files_round_trip(tmp_path, gz):
     assert np.array_equal(data.splits["test"].labels, arrays["test_labels"])
     assert data.splits["train"].labels.dtype == np.int64
     assert data.class_names == [str(d) for d in range(10)]
-    assert data.request == {"dataset": "mnist", "source": str((tmp_path / "mnist").resolve())}
+    assert where_from(data.request) == {"dataset": "mnist", "source": str((tmp_path / "mnist").resolve())}
+    assert sorted(data.request["files"]) == sorted(f"{s}.gz" if gz else s for s in STEMS.values())
 
 
 def test_gzip_is_detected_by_content_not_name(tmp_path):

@@ -27,7 +27,7 @@ EXIT_INTERRUPTED = 130
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from onepoch.data.prepared import check_out_dir, write_prepared
-    from onepoch.data.sources import SOURCE_NAMES, load_source
+    from onepoch.data.sources import SOURCE_NAMES, locate_source
 
     if args.name not in SOURCE_NAMES:
         from onepoch.config import suggest
@@ -38,13 +38,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     # Refuse a non-dataset --out before spending time on the source.
     check_out_dir(out, args.name, None, force=True)
     start = time.perf_counter()
-    data = load_source(args.name, args.source, size=args.size, test_source=args.test_source,
-                       test_fraction=args.test_fraction, grayscale=args.grayscale, seed=args.seed,
-                       download=not args.no_download)
-    if check_out_dir(out, data.name, data.request, force=args.force):
-        print(f"{out} already holds this prepared dataset ({data.name}); nothing to do "
-              "(--force rebuilds it)")
+    plan = locate_source(args.name, args.source, size=args.size, test_source=args.test_source,
+                         test_fraction=args.test_fraction, grayscale=args.grayscale, seed=args.seed,
+                         download=not args.no_download)
+    if check_out_dir(out, plan.name, plan.request, force=args.force):
+        print(f"{out} already holds this prepared dataset ({plan.name}, from the same files); "
+              "nothing to do (--force rebuilds it)")
         return 0
+    data = plan.read()
     write_prepared(data, out, force=args.force)
     shapes = ", ".join(f"{split} {a.images.shape[0]:,} x {'x'.join(map(str, a.images.shape[1:]))}"
                        for split, a in data.splits.items())

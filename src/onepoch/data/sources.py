@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from onepoch.data import cifar, folder, idx, npz
 from onepoch.data.download import download, download_dir, offline
@@ -206,6 +207,82 @@ def _checked(where: str, splits: dict[str, SplitArrays], class_names: list[str])
 # --- entry point -----------------------------------------------------------------------------
 
 
+@dataclass
+class SourcePlan:
+    """A located dataset source: ``request`` says what it is (resolved paths, options, and the size
+    and modification time of the files read), ``read()`` decodes it into a :class:`SourceData`."""
+
+    name: str
+    request: dict[str, Any]
+    read: Callable[[], SourceData]
+
+
+def _file_stamp(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def locate_source(name: str, source: str | os.PathLike | None = None, *, size: int | None = None,
+                  test_source: str | os.PathLike | None = None, test_fraction: float | None = None,
+                  grayscale: bool = False, seed: int = 0, download: bool = True) -> SourcePlan:
+    """Find dataset source ``name`` (one of :data:`SOURCE_NAMES`) without decoding it (a missing
+    built-in dataset may be downloaded here). See :func:`load_source` for the arguments."""
+    if name not in SOURCE_NAMES:
+        raise DataError(f"unknown dataset source {name!r} (valid: {', '.join(SOURCE_NAMES)})")
+    if name in ("folder", "npz") and source is None:
+        raise DataError(f"the {name} source needs a path (--source PATH)")
+
+    if name == "folder":
+        root = _absolute(source)
+        test_root = _absolute(test_source) if test_source is not None else None
+        request: dict[str, Any] = {"dataset": name, "source": str(root), "size": size,
+                                   "grayscale": bool(grayscale)}
+        if test_root is not None:
+            request["test_source"] = str(test_root)
+        else:
+            fraction = folder.DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+            request.update(test_fraction=float(fraction), seed=int(seed))
+
+        def read_folder() -> SourceData:
+            splits, class_names = folder.read_image_folder(
+                root, size=size, grayscale=grayscale, test_source=test_root,
+                test_fraction=test_fraction, seed=seed)
+            return SourceData(name, _checked(str(root), splits, class_names), class_names, str(root), request)
+
+        return SourcePlan(name, request, read_folder)
+
+    _refuse_split_options(name, test_source, test_fraction)
+    if name in IDX_SOURCES:
+        location = locate_idx(name, source, download)
+        files = [p for p in find_idx_files(location).values() if p is not None]
+    elif name in CIFAR_SOURCES:
+        location = locate_cifar(name, source, download)
+        files = [location] if location.is_file() else sorted(p for p in location.iterdir() if p.is_file())
+    else:  # npz
+        location = _absolute(source)
+        if not location.is_file():
+            raise DataError(f"npz source {location} does not exist")
+        files = [location]
+    resolved = location.resolve()
+    request = {"dataset": name, "source": str(resolved),
+               "files": {str(p.resolve().relative_to(resolved) if p != location else p.name): _file_stamp(p)
+                         for p in files}}
+
+    def read() -> SourceData:
+        if name in IDX_SOURCES:
+            splits = read_idx_source(name, location)
+            class_names = list(IDX_CLASS_NAMES[name])
+        elif name in CIFAR_SOURCES:
+            splits, class_names = cifar.read_cifar(name, location)
+        else:
+            splits, class_names = npz.read_npz(location)
+        splits = _checked(str(resolved), splits, class_names)
+        _check_native_format(name, splits, size, grayscale)
+        return SourceData(name, splits, class_names, str(resolved), request)
+
+    return SourcePlan(name, request, read)
+
+
 def load_source(name: str, source: str | os.PathLike | None = None, *, size: int | None = None,
                 test_source: str | os.PathLike | None = None, test_fraction: float | None = None,
                 grayscale: bool = False, seed: int = 0, download: bool = True) -> SourceData:
@@ -217,38 +294,5 @@ def load_source(name: str, source: str | os.PathLike | None = None, *, size: int
     ``download=False`` (or ``ONEPOCH_OFFLINE=1``) forbids fetching missing files.
     The result's ``request`` records the resolved inputs that determine the output.
     """
-    if name not in SOURCE_NAMES:
-        raise DataError(f"unknown dataset source {name!r} (valid: {', '.join(SOURCE_NAMES)})")
-    if name in ("folder", "npz") and source is None:
-        raise DataError(f"the {name} source needs a path (--source PATH)")
-
-    if name == "folder":
-        root = _absolute(source)
-        test_root = _absolute(test_source) if test_source is not None else None
-        splits, class_names = folder.read_image_folder(
-            root, size=size, grayscale=grayscale, test_source=test_root,
-            test_fraction=test_fraction, seed=seed)
-        request: dict[str, Any] = {"dataset": name, "source": str(root), "size": size,
-                                   "grayscale": bool(grayscale)}
-        if test_root is not None:
-            request["test_source"] = str(test_root)
-        else:
-            fraction = folder.DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
-            request.update(test_fraction=float(fraction), seed=int(seed))
-        return SourceData(name, _checked(str(root), splits, class_names), class_names, str(root), request)
-
-    _refuse_split_options(name, test_source, test_fraction)
-    if name in IDX_SOURCES:
-        location = locate_idx(name, source, download)
-        splits = read_idx_source(name, location)
-        class_names = list(IDX_CLASS_NAMES[name])
-    elif name in CIFAR_SOURCES:
-        location = locate_cifar(name, source, download)
-        splits, class_names = cifar.read_cifar(name, location)
-    else:  # npz
-        location = _absolute(source)
-        splits, class_names = npz.read_npz(location)
-    resolved = str(Path(location).resolve())
-    splits = _checked(resolved, splits, class_names)
-    _check_native_format(name, splits, size, grayscale)
-    return SourceData(name, splits, class_names, resolved, {"dataset": name, "source": resolved})
+    return locate_source(name, source, size=size, test_source=test_source, test_fraction=test_fraction,
+                         grayscale=grayscale, seed=seed, download=download).read()
