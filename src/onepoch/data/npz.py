@@ -156,10 +156,8 @@ def _class_names(path: Path, arrays: _NpzArrays, labels: list[np.ndarray]) -> li
 def read_npz(path: str | os.PathLike) -> tuple[dict[str, SplitArrays], list[str]]:
     """Read an npz dataset (either layout) into {"train", "test"} splits and class names."""
     path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise DataError(f"npz source {path} does not exist")
     try:
-        f = open(path, "rb")
+        f = open(path, "rb")  # a missing path is refused earlier, by sources.locate_source
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     with f:  # np.load is given the open file so that nothing leaks when it fails
