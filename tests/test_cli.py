@@ -13,8 +13,7 @@ import pytest
 from PIL import Image
 
 from onepoch.cli import main
-from onepoch.data import open_split
-from onepoch.data import sources
+from onepoch.data import open_split, sources
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",

@@ -258,6 +258,10 @@ class PreparedSplit:
     def std(self) -> list[float]:
         return list(self.meta["std"])
 
+    def subset(self, count: int) -> "PreparedSplit":
+        """The first ``count`` images of this split (mean/std stay those of the whole split)."""
+        return PreparedSplit(self.root, self.split, self.images[:count], self.labels[:count], self.meta)
+
 
 def open_split(
     root: str | os.PathLike, split: str = "train", *, mmap: bool = True, verify: bool = False

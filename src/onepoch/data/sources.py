@@ -13,8 +13,8 @@ test split comes with the data.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from onepoch.data import cifar, folder, idx, npz

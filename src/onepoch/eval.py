@@ -1,0 +1,240 @@
+"""Evaluation of a trained representation: embeddings computed once into memory, then probes.
+
+Feature kinds (``eval.features``):
+
+- ``bag``: EMP-SSL's bag of features: the mean over k random patches (the training view recipe with
+  ``count = eval.bag_patches``, seeded) of the method's representation layer (``pre_feature`` for
+  EMP-SSL, else the backbone output);
+- ``full``: the backbone output on the whole (normalised) image;
+- ``map2x2``: the backbone's last feature map on the whole image, average-pooled to a 2x2 grid and
+  flattened (4x the backbone width; keeps the coarse layout, at the cost of one full-image pass);
+- ``grid``: the backbone outputs of a fixed grid of patches, each the training crop size at a stride
+  of half of it, resized like the training patches and concatenated in grid order (keeps the
+  layout that averaging throws away; deterministic).
+
+Probes (``eval.probes``): ``linear`` (hyper-parameters chosen on a validation split carved from the
+training set, test accuracy reported once at that choice) and ``knn`` (weighted k-NN, cosine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onepoch.atomic import atomic_write_text
+from onepoch.probes import knn_probe, linear_probe
+from onepoch.runconfig import RunConfig
+
+__all__ = ["embed_split", "evaluate_model", "evaluate_run", "grid_patches", "knn_probe", "linear_probe"]
+
+
+def representation_layer(model: nn.Module) -> str:
+    """The layer a bag of features averages: ``pre_feature`` when the method has one, else ``backbone``."""
+    return "pre_feature" if hasattr(model, "pre_feature") else "backbone"
+
+
+def _normalise(images_u8: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 (B, H, W, C) -> float (B, C, H, W), (x/255 - mean) / std."""
+    x = images_u8.permute(0, 3, 1, 2).float().div_(255)
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def grid_patches(images_u8: torch.Tensor, crop: int, out_size: int, mean: list[float], std: list[float]
+                 ) -> tuple[torch.Tensor, int]:
+    """Patch-major (P·B, C, out, out) crops of size ``crop`` at stride ``max(1, crop // 2)`` covering
+    each image (the last row/column aligned to the border), resized (antialiased bilinear) to
+    ``out_size``; returns them and P."""
+    x = _normalise(images_u8, mean, std)
+    h, w = x.shape[-2:]
+    crop = min(crop, h, w)
+    stride = max(1, crop // 2)
+
+    def starts(n: int) -> list[int]:
+        s = list(range(0, n - crop + 1, stride))
+        if s[-1] != n - crop:
+            s.append(n - crop)
+        return s
+
+    tiles = [x[:, :, i:i + crop, j:j + crop] for i in starts(h) for j in starts(w)]
+    p = torch.cat(tiles)
+    if crop != out_size:
+        p = F.interpolate(p, size=(out_size, out_size), mode="bilinear", antialias=crop > out_size,
+                          align_corners=False)
+    return p, len(tiles)
+
+
+@torch.no_grad()
+def embed_split(model: nn.Module, images, kind: str, *, spec, batch_size: int, device: torch.device,
+                seed: int, amp: bool = False, channels_last: bool = False, progress_desc: str = "") -> torch.Tensor:
+    """Features of every image of ``images`` (uint8 NHWC array or tensor) for feature ``kind``;
+    float32, on ``device``. ``channels_last``: feed the model NHWC-strided tensors (faster on CPU and
+    CUDA when the model is channels_last too)."""
+    from onepoch.progress import progress
+    from onepoch.views import make_views
+
+    model.eval()
+    layer = representation_layer(model)
+    generator = torch.Generator().manual_seed(seed)
+    crop = max(1, round(math.sqrt(spec.crop_scale[1]) * min(images.shape[1], images.shape[2])))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def net_input(x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=fmt)
+
+    out = []
+    n = images.shape[0]
+    bar = progress(total=n, desc=progress_desc or f"embed {kind}", unit="img")
+    for start in range(0, n, batch_size):
+        batch = torch.from_numpy(np.array(images[start:start + batch_size])).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            if kind == "bag":
+                views = make_views(batch, spec, generator, channels_last=channels_last)
+                f = model.features(views)[layer].float().view(spec.count, batch.shape[0], -1).mean(0)
+            elif kind == "full":
+                f = model.features(net_input(_normalise(batch, spec.mean, spec.std)))["backbone"].float()
+            elif kind == "map2x2":
+                fmap = model.backbone.forward_map(net_input(_normalise(batch, spec.mean, spec.std)))
+                f = F.adaptive_avg_pool2d(fmap.float(), 2).flatten(1)
+            elif kind == "grid":
+                tiles, count = grid_patches(batch, crop, spec.size, spec.mean, spec.std)
+                f = model.features(net_input(tiles))["backbone"].float().view(count, batch.shape[0], -1)
+                f = f.permute(1, 0, 2).reshape(batch.shape[0], -1)
+            else:
+                raise ValueError(f"unknown feature kind {kind!r}")
+        out.append(f.float())
+        bar.update(batch.shape[0])
+    bar.close()
+    return torch.cat(out)
+
+
+def evaluate_model(model: nn.Module, config: RunConfig, *, device: torch.device, train_split, test_split,
+                   spec, features: tuple[str, ...] | None = None, include_raw_pixels: bool = False,
+                   log=print) -> dict[str, Any]:
+    """Embed the train and test splits for each feature kind and run the configured probes.
+
+    Returns ``{"<feature>": {"dim": d, "embed_seconds": s, "linear": {...}, "knn": {...}}}``; with
+    ``include_raw_pixels`` also ``"raw_pixels"`` (the linear probe on the flattened pixels).
+    """
+    ec = config.eval
+    amp = device.type == "cuda"
+    channels_last = config.train.channels_last != "off"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    ytr = torch.from_numpy(np.array(train_split.labels)).long().to(device)
+    yte = torch.from_numpy(np.array(test_split.labels)).long().to(device)
+    num_classes = len(train_split.class_names)
+    results: dict[str, Any] = {}
+
+    def run_probes(name: str, ftr: torch.Tensor, fte: torch.Tensor, probes) -> dict[str, Any]:
+        entry: dict[str, Any] = {"dim": int(ftr.shape[1])}
+        for probe in probes:
+            t0 = time.perf_counter()
+            if probe == "linear":
+                r = linear_probe(ftr, ytr, fte, yte, num_classes=num_classes, val_fraction=ec.val_fraction,
+                                 weight_decays=ec.linear_weight_decays, epochs=ec.linear_epochs, seed=ec.seed)
+            else:
+                r = knn_probe(ftr, ytr, fte, yte, k=ec.knn_k, temperature=ec.knn_temperature,
+                              num_classes=num_classes, val_fraction=ec.val_fraction, seed=ec.seed)
+            entry[probe] = {"test_acc": r.test_acc, "val_acc": r.val_acc, "chosen": r.chosen,
+                            "seconds": time.perf_counter() - t0}
+            log(f"  {name:<10} {probe:<6} test {100 * r.test_acc:6.2f} %  (val {100 * r.val_acc:6.2f} %, "
+                f"{', '.join(f'{k}={v}' for k, v in r.chosen.items())})")
+        return entry
+
+    if include_raw_pixels:
+        ftr = torch.from_numpy(np.array(train_split.images)).reshape(train_split.num_images, -1).float().div(255)
+        fte = torch.from_numpy(np.array(test_split.images)).reshape(test_split.num_images, -1).float().div(255)
+        ftr, fte = ftr.to(device), fte.to(device)
+        results["raw_pixels"] = run_probes("raw_pixels", ftr, fte, ("linear",))
+        del ftr, fte
+    for kind in features or ec.features:
+        t0 = time.perf_counter()
+        spec_k = spec if kind != "bag" else _with_count(spec, ec.bag_patches)
+        ftr = embed_split(model, train_split.images, kind, spec=spec_k, batch_size=ec.batch_size, device=device,
+                          seed=ec.seed, amp=amp, channels_last=channels_last, progress_desc=f"embed train ({kind})")
+        fte = embed_split(model, test_split.images, kind, spec=spec_k, batch_size=ec.batch_size, device=device,
+                          seed=ec.seed + 1, amp=amp, channels_last=channels_last, progress_desc=f"embed test ({kind})")
+        embed_s = time.perf_counter() - t0
+        results[kind] = run_probes(kind, ftr, fte, ec.probes)
+        results[kind]["embed_seconds"] = embed_s
+        if kind == "bag":
+            results[kind]["patches"] = ec.bag_patches
+    return results
+
+
+def _with_count(spec, count: int):
+    from onepoch.views import load_view_spec
+
+    return load_view_spec(spec, {"count": count})
+
+
+def open_eval_splits(config: RunConfig):
+    from onepoch.data.prepared import open_split
+
+    train_split = open_split(Path(config.data.root), config.data.train_split)
+    test_split = open_split(Path(config.data.root), config.data.test_split)
+    if config.data.limit is not None and config.data.limit < train_split.num_images:
+        train_split = train_split.subset(config.data.limit)
+    if config.data.test_limit is not None and config.data.test_limit < test_split.num_images:
+        test_split = test_split.subset(config.data.test_limit)
+    return train_split, test_split
+
+
+def evaluate_run(run_dir: str | os.PathLike, *, overrides: dict[str, Any] | None = None, log=print
+                 ) -> dict[str, Any]:
+    """Evaluate the newest checkpoint of a run directory; write ``eval.json`` there and return it."""
+    from onepoch.runconfig import apply_overrides, build_config
+    from onepoch.train import (
+        build_model,
+        latest_checkpoint,
+        load_checkpoint,
+        pick_device,
+        read_run_config,
+        view_spec_for,
+    )
+
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    if overrides:
+        config = build_config(apply_overrides(config.to_dict(), overrides))
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        from onepoch.errors import ConfigError
+
+        raise ConfigError(f"{run_dir} has no checkpoint to evaluate (train it first)")
+    device = pick_device(config.train.device)
+    train_split, test_split = open_eval_splits(config)
+    state = load_checkpoint(ckpt)
+    model = build_model(config, train_split.shape[-1])
+    model.load_state_dict(state["model"])
+    model.to(device)
+    spec = view_spec_for(config, train_split.mean, train_split.std)
+    log(f"evaluating {run_dir} at step {state['step']} on {device}")
+    results = evaluate_model(model, config, device=device, train_split=train_split, test_split=test_split, spec=spec,
+                             log=log)
+    report = {"run": str(run_dir), "checkpoint": ckpt.name, "step": int(state["step"]),
+              "eval_config": asdict(config.eval), "results": results}
+    atomic_write_text(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_table(rows: list[tuple[str, dict[str, Any]]], probes=("linear", "knn")) -> str:
+    """A plain-text table: one row per (label, results-of-one-feature-kind)."""
+    head = f"{'':<34}" + "".join(f"{p + ' %':>10}" for p in probes)
+    lines = [head]
+    for label, entry in rows:
+        cells = "".join(f"{100 * entry[p]['test_acc']:>10.2f}" if p in entry else f"{'-':>10}" for p in probes)
+        lines.append(f"{label:<34}{cells}")
+    return "\n".join(lines)

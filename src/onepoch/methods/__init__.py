@@ -1,0 +1,37 @@
+"""Self-supervised methods: one file each, looked up by name with :func:`get`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from onepoch.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """A method: its config dataclass and its module class (built as ``cls(backbone, config)``)."""
+
+    name: str
+    config_class: type
+    module_class: Callable[..., Any]
+
+
+def _registry() -> dict[str, MethodEntry]:
+    from onepoch.methods.emp_ssl import EmpSSL, EmpSSLConfig
+
+    return {"emp_ssl": MethodEntry("emp_ssl", EmpSSLConfig, EmpSSL)}
+
+
+def names() -> list[str]:
+    return list(_registry())
+
+
+def get(name: str) -> MethodEntry:
+    """The method registered as ``name`` (e.g. ``"emp_ssl"``)."""
+    registry = _registry()
+    if name not in registry:
+        from onepoch.config import suggest
+
+        raise ConfigError(f"unknown method {name!r}{suggest(name, registry)}; choose one of: {', '.join(registry)}")
+    return registry[name]

@@ -1,0 +1,62 @@
+"""EMP-SSL (Tong, Chen, Ma, LeCun 2023): many fixed-size patches per image, total coding rate plus
+patch invariance.
+
+Heads as in the paper's code: ``pre_feature`` = Linear(feature→4096) + BN + ReLU (the representation
+that the bag-of-features evaluation averages over patches), then ``projection`` = Linear(4096→4096)
++ BN + ReLU + Linear(4096→1024), L2-normalised. Loss: :func:`onepoch.losses.emp_ssl_loss`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onepoch.losses import emp_ssl_loss
+from onepoch.models import mlp, parse_mlp_spec
+
+
+@dataclass
+class EmpSSLConfig:
+    pre_feature: str | int = "4096"      # Linear+BN+ReLU layers after the backbone (the bag-of-features layer)
+    projector: str | int = "4096-1024"   # then hidden Linear+BN+ReLU layers and a final Linear
+    eps: float = 0.2                 # ε of the total coding rate, scale d/(B·ε)
+    invariance_weight: float = 200.0  # λ
+
+    def __post_init__(self):
+        from onepoch.errors import ConfigError
+
+        parse_mlp_spec(self.pre_feature)
+        parse_mlp_spec(self.projector)
+        if not self.eps > 0:
+            raise ConfigError(f"method.eps must be > 0, got {self.eps}")
+        if self.invariance_weight < 0:
+            raise ConfigError(f"method.invariance_weight must be >= 0, got {self.invariance_weight}")
+
+
+class EmpSSL(nn.Module):
+    """``forward(views, num_views)`` with views patch-major (n·B, C, h, w) → (loss, metrics)."""
+
+    name = "emp_ssl"
+    default_views = "emp_ssl_cifar"
+
+    def __init__(self, backbone: nn.Module, config: EmpSSLConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.pre_feature = mlp(backbone.feature_dim, config.pre_feature, last_bn=True, last_relu=True)
+        self.pre_feature_dim = parse_mlp_spec(config.pre_feature)[-1]
+        self.projection = mlp(self.pre_feature_dim, config.projector)
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The layers an evaluation can read: ``backbone`` and ``pre_feature``."""
+        h = self.backbone(x)
+        return {"backbone": h, "pre_feature": self.pre_feature(h)}
+
+    def forward(self, views: torch.Tensor, num_views: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        z = F.normalize(self.projection(self.pre_feature(self.backbone(views))), dim=-1)
+        z = z.float().view(num_views, -1, z.shape[-1])
+        loss, parts = emp_ssl_loss(z, eps=self.config.eps, invariance_weight=self.config.invariance_weight)
+        return loss, parts

@@ -1,0 +1,113 @@
+"""Optimizers and the learning-rate schedule.
+
+- :class:`LARS`: SGD with (Nesterov) momentum whose per-tensor step is scaled by the layer-wise
+  trust ratio of You et al. 2017, clipped so it can only lower the step (NVIDIA's LARC "clip" mode,
+  as EMP-SSL's code uses). Parameters with one dimension (biases, norm scales) get neither the trust
+  ratio nor weight decay.
+- :func:`build_optimizer`: ``lars`` / ``sgd`` / ``adamw`` with the 1-D parameters split off.
+- :func:`warmup_cosine`: the learning-rate factor at a step, linear warmup then cosine decay.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from onepoch.errors import ConfigError
+
+OPTIMIZERS = ("lars", "sgd", "adamw")
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD + momentum + LARS trust ratio (clipped).
+
+    For a tensor w with gradient g in a group with ``lars=True``:
+        g ← g + wd·w
+        r = trust · ‖w‖ / (‖g_raw‖ + wd·‖w‖)        (1 when ‖w‖ or ‖g_raw‖ is 0)
+        g ← g · min(r / lr, 1)
+    then the SGD step: buf ← μ·buf + g;  w ← w − lr·(g + μ·buf) (Nesterov) or w − lr·buf.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.005, nesterov: bool = True):
+        if lr < 0 or momentum < 0 or weight_decay < 0 or trust_coefficient <= 0:
+            raise ValueError("LARS needs lr, momentum, weight_decay >= 0 and trust_coefficient > 0")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, lars=True,
+                        trust_coefficient=trust_coefficient, nesterov=nesterov)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["lars"]:
+                    w_norm = torch.linalg.vector_norm(p)
+                    g_norm = torch.linalg.vector_norm(g)
+                    ratio = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm)
+                    ok = (w_norm > 0) & (g_norm > 0)
+                    scale = torch.where(ok, torch.clamp(ratio / max(lr, 1e-12), max=1.0), torch.ones_like(ratio))
+                    g = g.add(p, alpha=wd) if wd else g.clone()
+                    g.mul_(scale)
+                elif wd:
+                    g = g.add(p, alpha=wd)
+                if mu:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = g.clone()
+                    else:
+                        buf.mul_(mu).add_(g)
+                    g = g.add(buf, alpha=mu) if group["nesterov"] else buf
+                p.add_(g, alpha=-lr)
+        return loss
+
+
+def split_decay(params: Iterable[tuple[str, nn.Parameter]]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(tensors with >1 dimension, 1-D tensors such as biases and norm scales), trainable only."""
+    many, one = [], []
+    for _, p in params:
+        if p.requires_grad:
+            (many if p.ndim > 1 else one).append(p)
+    return many, one
+
+
+def build_optimizer(named_params, name: str, *, lr: float, weight_decay: float, momentum: float = 0.9,
+                    trust_coefficient: float = 0.005, betas: tuple[float, float] = (0.9, 0.999)
+                    ) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``named_params``; 1-D parameters get no weight decay (and no LARS)."""
+    many, one = split_decay(named_params)
+    if name == "lars":
+        return LARS([{"params": many}, {"params": one, "weight_decay": 0.0, "lars": False}], lr=lr,
+                    momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient)
+    if name == "sgd":
+        return torch.optim.SGD([{"params": many}, {"params": one, "weight_decay": 0.0}], lr=lr,
+                               momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW([{"params": many}, {"params": one, "weight_decay": 0.0}], lr=lr,
+                                 betas=betas, weight_decay=weight_decay)
+    from onepoch.config import suggest
+
+    raise ConfigError(f"unknown optim.name {name!r}{suggest(name, OPTIMIZERS)}; choose one of: {', '.join(OPTIMIZERS)}")
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final_ratio: float = 0.0) -> float:
+    """Learning-rate factor at ``step`` (0-based): (step+1)/warmup during warmup, then
+    final + (1 − final)·½(1 + cos(π·t)), t going from 0 to 1 over the remaining steps."""
+    if total_steps <= 0:
+        return 1.0
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / span)
+    return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))

@@ -1,0 +1,315 @@
+"""The training loop shared by every method.
+
+A run directory ``<train.out>/<name>/`` holds ``config.yaml`` (the full, checked config),
+``metrics.jsonl`` (one JSON line per step: loss and its parts, lr, patches/s), ``checkpoints/``
+(``step_0000100.pt`` ...: model, optimizer, step, RNG states, config; written atomically, the last
+``train.keep_checkpoints`` kept) and later ``eval.json``.
+
+A resumed run (``resume=True``) continues from the newest checkpoint with the same data order,
+view randomness and schedule as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from onepoch import __version__
+from onepoch.atomic import atomic_open, atomic_write_text
+from onepoch.errors import ConfigError, OnepochError
+from onepoch.runconfig import RunConfig, build_config
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingError(OnepochError):
+    """Training cannot go on (a non-finite loss, a run directory in the way)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device {name!r} is not a device (use auto, cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device asks for cuda, but no CUDA device is available")
+    return device
+
+
+def view_spec_for(config: RunConfig, mean: list[float], std: list[float], count: int | None = None):
+    """The run's ViewSpec; the dataset's channel mean/std normalise the views unless the recipe sets them."""
+    from onepoch.views import load_view_spec
+
+    views = dict(config.views)
+    preset = views.pop("preset", None)
+    if count is not None:
+        views["count"] = count
+    spec = load_view_spec(preset, views)
+    if spec.mean is None:
+        spec = load_view_spec(spec, {"mean": list(mean), "std": list(std)})
+    return spec
+
+
+def build_model(config: RunConfig, in_chans: int) -> nn.Module:
+    """The method module (backbone + heads) described by the config."""
+    from onepoch import methods
+    from onepoch.config import dataclass_from_dict
+    from onepoch.models import build_backbone
+
+    entry = methods.get(config.method["name"])
+    method_cfg = dataclass_from_dict(entry.config_class, {k: v for k, v in config.method.items() if k != "name"},
+                                     where="method")
+    backbone = build_backbone(config.model.arch, stem=config.model.stem, width=config.model.width,
+                              in_chans=in_chans)
+    return entry.module_class(backbone, method_cfg)
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def read_run_config(run_dir: str | os.PathLike) -> RunConfig:
+    path = Path(run_dir) / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+    return build_config(data)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_paths(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("step_*.pt") if p.stem[5:].isdigit())
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int) -> Path:
+    """Write ``checkpoints/step_<step>.pt`` atomically, then drop all but the newest ``keep``."""
+    folder = run_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{state['step']:07d}.pt"
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+    for old in checkpoint_paths(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain data only, never code."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # a corrupt file, or one that would need to run code to load
+        from onepoch.errors import one_line
+
+        raise ConfigError(f"checkpoint {path} cannot be loaded safely: {one_line(e)[:200]}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
+        raise ConfigError(f"{path} is not an onepoch checkpoint")
+    return state
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    paths = checkpoint_paths(Path(run_dir))
+    return paths[-1] if paths else None
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    seconds: float            # wall time of the steps run in this call
+    patches_per_s: float
+    final_loss: float
+    model: nn.Module
+
+
+def _prepare_run_dir(config: RunConfig, resume: bool) -> Path:
+    run_dir = config.run_dir
+    text = config_to_yaml(config)
+    existing = run_dir / "config.yaml"
+    if resume:
+        if not existing.exists():
+            raise TrainingError(f"cannot resume: {run_dir} holds no run (no config.yaml)")
+        old = read_run_config(run_dir).to_dict()
+        new = config.to_dict()
+        diff = _config_diff(old, new)
+        if diff:
+            raise TrainingError(f"cannot resume {run_dir}: its config differs in {', '.join(diff[:5])}")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise TrainingError(f"run directory {run_dir} already exists; pass --resume to continue it, "
+                            f"or choose another name=... or train.out=...")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(existing, text)
+    return run_dir
+
+
+def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _config_diff(a, b, f"{prefix}{k}.")
+        elif a != b and not (prefix == "train." and k in ("max_steps", "device", "threads")):
+            keys.append(f"{prefix}{k} ({a!r} -> {b!r})")
+    return keys
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the metric lines of steps after ``step`` (they were run after the last checkpoint)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True) -> TrainResult:
+    """Train ``config`` to the end (or to ``train.max_steps``), writing the run directory."""
+    from onepoch.data.loader import BatchLoader
+    from onepoch.data.prepared import open_split
+    from onepoch.optim import build_optimizer, warmup_cosine
+    from onepoch.progress import progress
+    from onepoch.views import make_views
+
+    tc = config.train
+    device = pick_device(tc.device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    split = open_split(Path(config.data.root), config.data.train_split)
+    if config.data.limit is not None and config.data.limit < split.num_images:
+        split = split.subset(config.data.limit)
+    in_chans = split.shape[-1]
+    spec = view_spec_for(config, split.mean, split.std)
+    run_dir = _prepare_run_dir(config, resume)
+
+    torch.manual_seed(config.seed)
+    model = build_model(config, in_chans).to(device)
+    use_cl = tc.channels_last != "off"
+    if use_cl:
+        model = model.to(memory_format=torch.channels_last)
+    amp = tc.amp == "bf16" or (tc.amp == "auto" and device.type == "cuda")
+    oc = config.optim
+    optimizer = build_optimizer(model.named_parameters(), oc.name, lr=oc.lr, weight_decay=oc.weight_decay,
+                                momentum=oc.momentum, trust_coefficient=oc.trust_coefficient)
+    loader = BatchLoader(split, config.data.batch_size, device=device, shuffle=True, drop_last=True,
+                         seed=config.seed)
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * tc.epochs
+    warmup = int(round(oc.warmup_steps * total_steps)) if oc.warmup_steps < 1 else int(oc.warmup_steps)
+    view_gen = torch.Generator().manual_seed(config.seed + 1)
+
+    step = 0
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume:
+        ckpt_path = latest_checkpoint(run_dir)
+        if ckpt_path is not None:
+            state = load_checkpoint(ckpt_path)
+            try:
+                model.load_state_dict(state["model"])
+            except RuntimeError as e:
+                raise TrainingError(f"checkpoint {ckpt_path} does not fit this model: {str(e).splitlines()[0]}") from None
+            optimizer.load_state_dict(state["optimizer"])
+            step = int(state["step"])
+            view_gen.set_state(state["rng"]["views"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if device.type == "cuda" and state["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        _truncate_metrics(metrics_path, step)
+
+    run_model = torch.compile(model) if tc.compile else model
+    end_step = total_steps if tc.max_steps is None else min(total_steps, tc.max_steps)
+    patches_per_step = config.data.batch_size * spec.count
+
+    def snapshot(at: int) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT, "onepoch_version": __version__, "step": at, "total_steps": total_steps,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
+            "rng": {"views": view_gen.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        }
+
+    model.train()
+    start = time.perf_counter()
+    first_step = step
+    loss_value = float("nan")
+    bar = progress(total=end_step, initial=step, desc=f"train {config.name}", unit="step",
+                   disable=not progress_bar)
+    with open(metrics_path, "a", encoding="utf-8") as metrics_file:
+        while step < end_step:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            for batch in loader.epoch(epoch, start_step=in_epoch):
+                if step >= end_step:
+                    break
+                t0 = time.perf_counter()
+                lr = oc.lr * warmup_cosine(step, total_steps, warmup, oc.final_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                views = make_views(batch.images, spec, view_gen, channels_last=use_cl)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss, parts = run_model(views, spec.count)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    parts_text = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+                    raise TrainingError(f"loss is {loss_value} at step {step} ({parts_text}); the last good "
+                                        f"checkpoint is kept in {run_dir / 'checkpoints'}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                dt = time.perf_counter() - t0
+                record = {"step": step, "epoch": epoch, "loss": loss_value,
+                          **{k: float(v) for k, v in parts.items()}, "lr": lr,
+                          "patches_per_s": patches_per_step / dt, "time": time.time()}
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", patches_s=f"{patches_per_step / dt:,.0f}", refresh=False)
+                if step % tc.checkpoint_every == 0 or step == end_step:
+                    save_checkpoint(run_dir, snapshot(step), tc.keep_checkpoints)
+    bar.close()
+    seconds = time.perf_counter() - start
+    done = step - first_step
+    if done == 0 and latest_checkpoint(run_dir) is None:
+        save_checkpoint(run_dir, snapshot(step), tc.keep_checkpoints)
+    return TrainResult(run_dir=run_dir, steps=step, seconds=seconds,
+                       patches_per_s=done * patches_per_step / seconds if seconds > 0 and done else 0.0,
+                       final_loss=loss_value, model=model)

@@ -1,0 +1,59 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from onepoch.errors import ConfigError
+from onepoch.optim import LARS, build_optimizer, warmup_cosine
+
+
+def test_lars_step_matches_the_formula():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 3))
+    b = nn.Parameter(torch.randn(4))
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    gw, gb = torch.randn(4, 3) * 10, torch.randn(4)
+    lr, wd, trust, mu = 0.5, 1e-2, 0.005, 0.9
+    opt = LARS([{"params": [w]}, {"params": [b], "weight_decay": 0.0, "lars": False}], lr=lr, momentum=mu,
+               weight_decay=wd, trust_coefficient=trust)
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step()
+    ratio = trust * w0.norm() / (gw.norm() + wd * w0.norm())
+    scale = min(ratio.item() / lr, 1.0)
+    g = (gw + wd * w0) * scale
+    expected_w = w0 - lr * (g + mu * g)  # Nesterov, first step: buf = g
+    assert torch.allclose(w.detach(), expected_w, atol=1e-6)
+    assert scale < 1  # the trust ratio lowered the step here
+    assert torch.allclose(b.detach(), b0 - lr * (gb + mu * gb), atol=1e-6)  # 1-D: plain SGD, no decay
+
+
+def test_lars_clip_never_raises_the_step():
+    w = nn.Parameter(torch.full((2, 2), 100.0))
+    opt = LARS([w], lr=0.1, momentum=0.0, weight_decay=0.0, trust_coefficient=0.005)
+    w.grad = torch.full((2, 2), 1e-3)  # tiny gradient: trust ratio >> lr
+    opt.step()
+    assert torch.allclose(w.detach(), torch.full((2, 2), 100.0 - 0.1 * 1e-3))
+
+
+def test_build_optimizer_splits_one_dimensional_parameters():
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    for name in ("lars", "sgd", "adamw"):
+        opt = build_optimizer(net.named_parameters(), name, lr=0.1, weight_decay=0.5)
+        many, one = opt.param_groups
+        assert [p.ndim for p in many["params"]] == [2]
+        assert len(one["params"]) == 3 and one["weight_decay"] == 0.0
+        assert many["weight_decay"] == 0.5
+    with pytest.raises(ConfigError, match="did you mean 'lars'"):
+        build_optimizer(net.named_parameters(), "lasr", lr=0.1, weight_decay=0.0)
+
+
+def test_warmup_cosine():
+    assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 10, final_ratio=0.1) == pytest.approx(0.1)
+    values = [warmup_cosine(s, 100, 10) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert warmup_cosine(3, 100, 0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 100)))

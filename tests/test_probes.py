@@ -1,0 +1,291 @@
+"""Probes on in-memory features: stratified split, linear probe, weighted k-NN."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from onepoch import probes
+from onepoch.errors import ConfigError
+from onepoch.probes import (
+    ProbeResult,
+    accuracy,
+    knn_predict,
+    knn_probe,
+    linear_probe,
+    stratified_split,
+)
+
+FAST = {"epochs": (2, 4), "weight_decays": (0.0, 1e-3), "batch_size": 64}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread (on a busy machine, idle OpenMP threads make each op ~100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def blobs(n_train: int = 400, n_test: int = 200, classes: int = 4, dim: int = 12, spread: float = 6.0,
+          seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gaussian blobs (unit noise) around random centres ``spread`` apart: linearly separable in practice."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g) * spread
+    ytr = torch.randint(0, classes, (n_train,), generator=g)
+    yte = torch.randint(0, classes, (n_test,), generator=g)
+    xtr = centres[ytr] + torch.randn(n_train, dim, generator=g)
+    xte = centres[yte] + torch.randn(n_test, dim, generator=g)
+    return xtr, ytr, xte, yte
+
+
+# --------------------------------------------------------------------------------------------------
+# stratified_split
+
+
+def split_labels() -> torch.Tensor:
+    counts = [50, 30, 7, 2, 1]
+    labels = torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])
+    return labels[torch.randperm(labels.shape[0], generator=torch.Generator().manual_seed(3))]
+
+
+def test_split_sizes_disjoint_cover_sorted():
+    labels = split_labels()
+    tr, va = stratified_split(labels, 0.2, seed=0)
+    assert tr.dtype == va.dtype == torch.int64
+    assert torch.equal(torch.sort(torch.cat([tr, va])).values, torch.arange(labels.shape[0]))
+    assert torch.equal(tr, torch.sort(tr).values) and torch.equal(va, torch.sort(va).values)
+    # round(0.2 * n_c) clipped to [1, n_c - 1]; the singleton class stays in training
+    assert torch.bincount(labels[va], minlength=5).tolist() == [10, 6, 1, 1, 0]
+    assert torch.bincount(labels[tr], minlength=5).tolist() == [40, 24, 6, 1, 1]
+
+
+def test_split_deterministic_and_seeded():
+    labels = split_labels()
+    a, b, c = (stratified_split(labels, 0.3, seed=s) for s in (7, 7, 8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[1], c[1])
+    assert torch.equal(torch.bincount(labels[a[1]]), torch.bincount(labels[c[1]]))  # same per-class sizes
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+def test_split_bad_fraction(fraction):
+    with pytest.raises(ConfigError, match=r"val_fraction must be in \(0, 1\)"):
+        stratified_split(torch.zeros(10, dtype=torch.int64), fraction, seed=0)
+
+
+def test_split_bad_labels():
+    with pytest.raises(ConfigError, match="integer"):
+        stratified_split(torch.zeros(10), 0.1, seed=0)
+    with pytest.raises(ConfigError, match="1-D"):
+        stratified_split(torch.zeros(2, 5, dtype=torch.int64), 0.1, seed=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# linear probe
+
+
+def test_linear_probe_separable_blobs():
+    xtr, ytr, xte, yte = blobs()
+    r = linear_probe(xtr, ytr, xte, yte, **FAST)
+    assert isinstance(r, ProbeResult) and r.name == "linear"
+    assert r.test_acc == 1.0 and r.val_acc == 1.0
+    assert len(r.grid) == 4 and {(g["weight_decay"], g["epochs"]) for g in r.grid} == {
+        (0.0, 2), (1e-3, 2), (0.0, 4), (1e-3, 4)}
+    # every setting is perfect: ties go to fewer epochs, then the larger weight decay
+    assert all(g["val_acc"] == 1.0 for g in r.grid)
+    assert r.chosen["weight_decay"] == 1e-3 and r.chosen["epochs"] == 2
+
+
+def test_linear_probe_half_precision_features():
+    xtr, ytr, xte, yte = blobs()
+    for dtype in (torch.float16, torch.bfloat16):
+        r = linear_probe(xtr.to(dtype), ytr, xte.to(dtype), yte, **FAST)
+        assert r.test_acc == 1.0
+
+
+def test_linear_probe_noise_labels_at_chance():
+    g = torch.Generator().manual_seed(1)
+    xtr, xte = torch.randn(600, 8, generator=g), torch.randn(2000, 8, generator=g)
+    ytr, yte = torch.randint(0, 4, (600,), generator=g), torch.randint(0, 4, (2000,), generator=g)
+    r = linear_probe(xtr, ytr, xte, yte, **FAST)
+    assert abs(r.test_acc - 0.25) < 0.05  # sd of the accuracy is 0.01
+    assert r.val_acc < 0.6
+
+
+def test_linear_probe_deterministic():
+    xtr, ytr, xte, yte = blobs(spread=0.7)  # overlapping: accuracies are not all 1
+    a = linear_probe(xtr, ytr, xte, yte, seed=5, **FAST)
+    b = linear_probe(xtr, ytr, xte, yte, seed=5, **FAST)
+    assert a == b
+    assert 0.4 < a.test_acc < 1.0
+
+
+def test_linear_probe_epoch_grid_is_checkpoints_of_one_run():
+    xtr, ytr, xte, yte = blobs(spread=0.7)
+    many = linear_probe(xtr, ytr, xte, yte, epochs=(1, 3, 5), weight_decays=(0.0, 1e-3), batch_size=64)
+    one = linear_probe(xtr, ytr, xte, yte, epochs=(3,), weight_decays=(1e-3,), batch_size=64)
+    at3 = next(g for g in many.grid if g["epochs"] == 3 and g["weight_decay"] == 1e-3)
+    n_val = 40  # 10% of 400
+    assert abs(at3["val_acc"] - one.val_acc) <= 1 / n_val  # float rounding may move one borderline point
+    assert len({g["val_acc"] for g in many.grid}) > 1
+
+
+def test_linear_probe_selection_ignores_test_labels():
+    xtr, ytr, xte, yte = blobs()
+    base = linear_probe(xtr, ytr, xte, yte, **FAST)
+    perm = torch.randperm(yte.shape[0], generator=torch.Generator().manual_seed(0))
+    shuffled = linear_probe(xtr, ytr, xte, yte[perm], **FAST)
+    wrong = linear_probe(xtr, ytr, xte, (yte + 1) % 4, **FAST)
+    for r in (shuffled, wrong):
+        assert (r.chosen, r.val_acc, r.grid) == (base.chosen, base.val_acc, base.grid)
+    assert base.test_acc == 1.0 and wrong.test_acc == 0.0 and shuffled.test_acc < 0.5
+
+
+_METADATA = {"__get__", "__len__", "dim", "size", "is_floating_point", "is_complex"}
+
+
+def spy(t: torch.Tensor, tag: str, log: list) -> torch.Tensor:
+    """``t`` as a tensor that logs ``(tag, op)`` for every op reading more than its shape/dtype/device."""
+
+    class Spy(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", repr(func))
+            if name not in _METADATA:
+                log.append((tag, name))
+            return super().__torch_function__(func, types, args, kwargs)
+
+    return t.as_subclass(Spy)
+
+
+def test_linear_probe_reads_test_data_only_after_training(monkeypatch):
+    log: list = []
+    original = probes._train_linear
+
+    def logged(*args, **kwargs):
+        log.append(("train", kwargs.get("desc")))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(probes, "_train_linear", logged)
+    xtr, ytr, xte, yte = blobs()
+    r = linear_probe(xtr, ytr, spy(xte, "test_x", log), spy(yte, "test_y", log), **FAST)
+    assert r.test_acc == 1.0
+    trains = [i for i, (tag, _) in enumerate(log) if tag == "train"]
+    reads = [i for i, (tag, _) in enumerate(log) if tag in ("test_x", "test_y")]
+    assert len(trains) == 2  # selection, then the final probe
+    assert any(log[i][0] == "test_y" for i in reads) and any(log[i][0] == "test_x" for i in reads)
+    assert min(reads) > max(trains), log
+
+
+def test_linear_probe_errors():
+    xtr, ytr, xte, yte = blobs(n_train=40, n_test=10)
+    cases = [
+        ({"weight_decays": ()}, "empty grid"),
+        ({"epochs": ()}, "empty grid"),
+        ({"epochs": (0, 5)}, "epoch counts must be >= 1"),
+        ({"weight_decays": (-1.0,)}, "weight decays must be finite and >= 0"),
+        ({"val_fraction": 1.0}, r"val_fraction must be in \(0, 1\)"),
+        ({"num_classes": 2}, "train_y has class id 3 but num_classes is 2"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"lr": 0.0}, "lr must be > 0"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            linear_probe(xtr, ytr, xte, yte, **kwargs)
+    with pytest.raises(ConfigError, match="train_y has 39 labels but the features have 40 rows"):
+        linear_probe(xtr, ytr[:-1], xte, yte)
+    with pytest.raises(ConfigError, match="test_x has 5 features but train_x has 12"):
+        linear_probe(xtr, ytr, xte[:, :5], yte)
+    with pytest.raises(ConfigError, match="train_x must be floating point"):
+        linear_probe(xtr.long(), ytr, xte, yte)
+    with pytest.raises(ConfigError, match="validation split is empty"):
+        linear_probe(xtr[:3], torch.tensor([0, 1, 2]), xte, yte)
+
+
+# --------------------------------------------------------------------------------------------------
+# weighted k-NN
+
+
+def naive_knn(train_x, train_y, query_x, k, temperature):
+    """Per-query loop: cosine similarity in float64, top-k, class score = sum of exp(sim / T)."""
+    train = [[float(v) for v in row] for row in train_x]
+    labels = [int(v) for v in train_y]
+    num_classes = max(labels) + 1
+    out = []
+    for q in query_x:
+        q = [float(v) for v in q]
+        qn = math.sqrt(sum(v * v for v in q))
+        sims = []
+        for i, t in enumerate(train):
+            tn = math.sqrt(sum(v * v for v in t))
+            sims.append((sum(a * b for a, b in zip(q, t)) / (qn * tn), i))
+        sims.sort(reverse=True)
+        scores = [0.0] * num_classes
+        for s, i in sims[:k]:
+            scores[labels[i]] += math.exp(s / temperature)
+        out.append(max(range(num_classes), key=lambda c: (scores[c], -c)))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("k,temperature", [(1, 0.07), (5, 0.07), (20, 0.5), (1000, 0.1)])
+def test_knn_predict_matches_naive_loop(k, temperature):
+    g = torch.Generator().manual_seed(k)
+    train_x, query_x = torch.randn(60, 8, generator=g), torch.randn(25, 8, generator=g)
+    train_y = torch.randint(0, 5, (60,), generator=g)
+    pred = knn_predict(train_x, train_y, query_x, k=k, temperature=temperature, chunk=7)
+    assert pred.dtype == torch.int64 and pred.shape == (25,)
+    assert torch.equal(pred, naive_knn(train_x, train_y, query_x, min(k, 60), temperature))
+    assert len(set(pred.tolist())) > 1
+
+
+def test_knn_k_larger_than_train_set():
+    train_x = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    train_y = torch.tensor([0, 0, 1])
+    query = torch.tensor([[0.1, 1.0], [1.0, 0.2]])
+    pred = knn_predict(train_x, train_y, query, k=50, temperature=0.1)
+    assert torch.equal(pred, naive_knn(train_x, train_y, query, 3, 0.1))
+    assert pred.tolist() == [1, 0]
+    assert knn_predict(train_x, train_y, train_x, k=1).tolist() == [0, 0, 1]
+
+
+def test_knn_probe_blobs_and_no_leak_from_val():
+    xtr, ytr, xte, yte = blobs()
+    r = knn_probe(xtr, ytr, xte, yte, k=10)
+    assert (r.test_acc, r.val_acc, r.name) == (1.0, 1.0, "knn")
+    assert r.chosen == {"k": 10, "temperature": 0.07} and r.grid == [{"k": 10, "temperature": 0.07, "val_acc": 1.0}]
+    # noise labels on near-orthogonal points: a val point that could see itself would score ~100%
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(400, 256, generator=g), torch.randint(0, 4, (400,), generator=g)
+    noise = knn_probe(x, y, x, y, k=5)
+    assert noise.val_acc < 0.5
+    assert noise.test_acc == 1.0  # test queries see the whole training set, their own copies included
+
+
+def test_knn_errors():
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 0, 1])
+    with pytest.raises(ConfigError, match="k must be >= 1, got 0"):
+        knn_predict(x, y, x, k=0)
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        knn_predict(x, y, x, temperature=0.0)
+    with pytest.raises(ConfigError, match="chunk must be >= 1"):
+        knn_predict(x, y, x, chunk=0)
+    with pytest.raises(ConfigError, match="train_y has 5 labels but the features have 6 rows"):
+        knn_predict(x, y[:5], x)
+    with pytest.raises(ConfigError, match="query_x must be a 2-D tensor with 3 features"):
+        knn_predict(x, y, x[:, :2])
+    with pytest.raises(ConfigError, match="negative class id"):
+        knn_predict(x, y - 1, x)
+    with pytest.raises(ConfigError, match="test_y has 5 labels but the features have 6 rows"):
+        knn_probe(x, y, x, y[:5])
+
+
+def test_accuracy():
+    assert accuracy(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 0, 0])) == 0.5
+    with pytest.raises(ConfigError, match="equal length"):
+        accuracy(torch.tensor([0, 1]), torch.tensor([0, 1, 2]))
+    with pytest.raises(ConfigError, match="empty"):
+        accuracy(torch.tensor([], dtype=torch.int64), torch.tensor([], dtype=torch.int64))

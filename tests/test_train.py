@@ -1,0 +1,194 @@
+"""The trainer: config checks, checkpoints, resume (in-process and after SIGKILL), NaN guard."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from onepoch.data import SourceData, SplitArrays, write_prepared
+from onepoch.errors import ConfigError
+from onepoch.runconfig import load_config
+from onepoch.train import TrainingError, checkpoint_paths, load_checkpoint, train
+
+TINY = ["model.arch=resnet10", "model.width=0.0625", "method.pre_feature=32", "method.projector=32-16",
+        "views.preset=emp_ssl_fashion_mnist", "views.count=4", "views.size=8", "data.batch_size=8",
+        "train.checkpoint_every=3", "train.threads=1", "eval.bag_patches=2", "eval.linear_epochs=[2]",
+        "eval.linear_weight_decays=[0.0]"]
+
+
+def make_blobs(root: Path, n_train=64, n_test=32, size=12, seed=0) -> Path:
+    """A generated 1-channel dataset: class c is a bright square at one of 4 places."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        labels = rng.integers(0, 4, n)
+        images = rng.integers(0, 60, (n, size, size, 1)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            y, x = divmod(int(c), 2)
+            images[i, y * 6:y * 6 + 6, x * 6:x * 6 + 6] = 220
+        return SplitArrays(images, labels)
+
+    data = SourceData("blobs", {"train": split(n_train), "test": split(n_test)}, ["a", "b", "c", "d"],
+                      "generated", {"name": "blobs", "seed": seed})
+    return write_prepared(data, root)
+
+
+@pytest.fixture
+def blobs(tmp_path):
+    return make_blobs(tmp_path / "blobs")
+
+
+def tiny_config(tmp_path, data_root, *extra):
+    return load_config(None, [*TINY, f"data.root={data_root}", f"train.out={tmp_path / 'runs'}", "name=t", *extra])
+
+
+def test_config_errors_name_the_key(tmp_path, blobs):
+    with pytest.raises(ConfigError, match="unknown optim key 'lrr' .*did you mean 'lr'"):
+        tiny_config(tmp_path, blobs, "optim.lrr=0.1")
+    with pytest.raises(ConfigError, match="unknown config key 'trian.epochs'.*did you mean 'train'"):
+        tiny_config(tmp_path, blobs, "trian.epochs=2")
+    with pytest.raises(ConfigError, match="unknown method key 'epss'"):
+        tiny_config(tmp_path, blobs, "method.epss=0.1")
+    with pytest.raises(ConfigError, match="unknown method 'emp_sl'.*did you mean 'emp_ssl'"):
+        tiny_config(tmp_path, blobs, "method.name=emp_sl")
+    with pytest.raises(ConfigError, match="count"):
+        tiny_config(tmp_path, blobs, "views.count=0")
+    with pytest.raises(ConfigError, match="optim.lr must be > 0"):
+        tiny_config(tmp_path, blobs, "optim.lr=-1")
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+        tiny_config(tmp_path, blobs, "train.epochs=one")
+    with pytest.raises(ConfigError, match="recipe 'emp_ssl/cifar10_1epok' not found.*did you mean"):
+        load_config("emp_ssl/cifar10_1epok")
+
+
+def test_shipped_recipes_load():
+    for name in ("emp_ssl/cifar10_1epoch", "emp_ssl/cifar100_1epoch", "emp_ssl/fashion_mnist_demo"):
+        config = load_config(name)
+        assert config.method["name"] == "emp_ssl"
+    paper = load_config("emp_ssl/cifar10_1epoch")
+    assert (paper.views["count"], paper.data.batch_size, paper.optim.lr) == (20, 100, 0.3)
+    assert (paper.method["eps"], paper.method["invariance_weight"]) == (0.2, 200.0)
+    assert (paper.method["pre_feature"], paper.method["projector"]) == ("4096", "4096-1024")
+
+
+def test_train_writes_run_dir_and_resume_continues_exactly(tmp_path, blobs):
+    config = tiny_config(tmp_path, blobs, "train.epochs=2")
+    full = train(config, progress_bar=False)
+    assert full.steps == 16  # 64 images / 8 per step x 2 epochs
+    run = config.run_dir
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 17))
+    assert {"loss", "invariance", "tcr", "lr", "patches_per_s"} <= set(lines[0])
+    assert [p.name for p in checkpoint_paths(run)] == ["step_0000015.pt", "step_0000016.pt"]  # keep 2
+    final = load_checkpoint(checkpoint_paths(run)[-1])["model"]
+
+    # The same run stopped after 5 steps (checkpoint at 3 and 5), then resumed: identical weights.
+    config2 = tiny_config(tmp_path, blobs, "train.epochs=2", "name=t2")
+    part = train(load_config(None, [*TINY, f"data.root={blobs}", f"train.out={tmp_path / 'runs'}", "name=t2",
+                                    "train.epochs=2", "train.max_steps=5"]), progress_bar=False)
+    assert part.steps == 5
+    resumed = train(config2, resume=True, progress_bar=False)
+    assert resumed.steps == 16
+    again = load_checkpoint(checkpoint_paths(config2.run_dir)[-1])["model"]
+    for key in final:
+        assert torch.equal(final[key], again[key]), key
+    steps = [json.loads(x)["step"] for x in (config2.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 17))
+
+
+def test_run_dir_guards(tmp_path, blobs):
+    config = tiny_config(tmp_path, blobs, "train.max_steps=2")
+    train(config, progress_bar=False)
+    with pytest.raises(TrainingError, match="already exists; pass --resume"):
+        train(config, progress_bar=False)
+    other = tiny_config(tmp_path, blobs, "train.max_steps=2", "optim.lr=0.1")
+    with pytest.raises(TrainingError, match=r"config differs in optim.lr"):
+        train(other, resume=True, progress_bar=False)
+    with pytest.raises(TrainingError, match="no run"):
+        train(tiny_config(tmp_path, blobs, "name=absent"), resume=True, progress_bar=False)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, blobs, monkeypatch):
+    import onepoch.methods.emp_ssl as emp
+
+    real = emp.emp_ssl_loss
+    calls = {"n": 0}
+
+    def flaky(z, **kw):
+        loss, parts = real(z, **kw)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            return loss * float("nan"), {**parts, "tcr": parts["tcr"] * float("nan")}
+        return loss, parts
+
+    monkeypatch.setattr(emp, "emp_ssl_loss", flaky)
+    config = tiny_config(tmp_path, blobs)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 4 \(invariance=.*tcr=nan\)"):
+        train(config, progress_bar=False)
+    assert [p.name for p in checkpoint_paths(config.run_dir)] == ["step_0000003.pt"]
+    assert load_checkpoint(checkpoint_paths(config.run_dir)[0])["step"] == 3
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_checkpoint_with_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "model": {}, "payload": _Exploit()}, path)
+    with pytest.raises(ConfigError, match="cannot be loaded safely"):
+        load_checkpoint(path)
+    (tmp_path / "junk.pt").write_bytes(pickle.dumps([1, 2]) + b"garbage")
+    with pytest.raises(ConfigError, match="junk.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, blobs):
+    config = tiny_config(tmp_path, blobs, "train.max_steps=3")
+    train(config, progress_bar=False)
+    path = checkpoint_paths(config.run_dir)[-1]
+    state = load_checkpoint(path)
+    state["model"] = {k: v[:1] if v.ndim else v for k, v in state["model"].items()}
+    torch.save(state, path)
+    with pytest.raises(TrainingError, match="does not fit this model"):
+        train(tiny_config(tmp_path, blobs, "train.max_steps=6"), resume=True, progress_bar=False)
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, blobs):
+    """SIGKILL a real training process after its first checkpoint; --resume ends where a clean run ends."""
+    args = [*TINY, f"data.root={blobs}", f"train.out={tmp_path / 'runs'}", "train.epochs=12",
+            "train.checkpoint_every=4"]
+    cmd = [sys.executable, "-m", "onepoch", "train", "emp_ssl/fashion_mnist_demo"]
+    env = {**os.environ, "ONEPOCH_PROGRESS": "0"}
+    run = tmp_path / "runs" / "killed"
+    proc = subprocess.Popen([*cmd, *args, "name=killed"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not checkpoint_paths(run) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = load_checkpoint(checkpoint_paths(run)[-1])["step"]
+    assert 4 <= killed_at < 96
+    done = subprocess.run([*cmd, *args, "name=killed", "--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    clean = subprocess.run([*cmd, *args, "name=clean"], env=env, capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    a = load_checkpoint(checkpoint_paths(run)[-1])
+    b = load_checkpoint(checkpoint_paths(tmp_path / "runs" / "clean")[-1])
+    assert a["step"] == b["step"] == 96
+    for key in b["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 97))
