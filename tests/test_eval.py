@@ -78,3 +78,19 @@ def test_cli_train_errors_are_one_line(tmp_path, blobs, capsys):  # noqa: F811
     assert main(["train", "emp_ssl/fashion_mnist_demo", f"data.root={blobs}", f"train.out={tmp_path}",
                  "data.batch_size=1000"]) == 2
     assert "larger than the train split" in capsys.readouterr().err
+
+
+def test_cli_train_then_eval_and_resume(tmp_path, blobs, capsys):  # noqa: F811
+    from test_train import TINY
+
+    args = ["train", "emp_ssl/fashion_mnist_demo", *TINY, f"data.root={blobs}", f"train.out={tmp_path}",
+            "name=cli", "train.max_steps=3", "eval.features=[full]", "eval.probes=[knn]"]
+    assert main([*args, "--eval"]) == 0
+    out = capsys.readouterr().out
+    assert "trained to step 3" in out and "wrote" in out
+    report = json.loads((tmp_path / "cli" / "eval.json").read_text())
+    assert report["step"] == 3 and set(report["results"]["full"]) == {"dim", "knn", "embed_seconds"}
+    assert main(args) == 2  # the run exists: refuse to overwrite it
+    assert "already exists; pass --resume" in capsys.readouterr().err
+    assert main([*args[:-3], "name=cli", "eval.features=[full]", "eval.probes=[knn]", "--resume"]) == 0
+    assert "trained to step 8" in capsys.readouterr().out  # 64 images / 8 per step: the epoch's end
