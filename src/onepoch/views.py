@@ -136,6 +136,19 @@ PRESETS: dict[str, ViewSpec] = {
         jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.0, hue=0.0,
         grayscale_p=0.0, blur_p=0.1, blur_sigma=(0.1, 1.0), solarize_p=0.1,
     ),
+    # Two views as in SimCLR's CIFAR recipe (Chen et al. 2020, appendix B.9), also used by the
+    # VICReg and Barlow Twins baselines here: random-resized crop (0.08-1 area, 3/4-4/3), flip,
+    # colour jitter .4/.4/.4/.1 with p .8, grayscale .2, no blur (32x32 images).
+    "simclr_cifar": ViewSpec(
+        count=2, size=32, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5,
+        jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, grayscale_p=0.2,
+    ),
+    # The same for 28x28 grayscale Fashion-MNIST: crops of 0.2-1 area back to 28x28, flip,
+    # brightness/contrast .4 with p .8.
+    "simclr_fashion_mnist": ViewSpec(
+        count=2, size=28, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5,
+        jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.0, hue=0.0, grayscale_p=0.0,
+    ),
 }
 
 

@@ -18,9 +18,15 @@ class MethodEntry:
 
 
 def _registry() -> dict[str, MethodEntry]:
+    from onepoch.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig
     from onepoch.methods.emp_ssl import EmpSSL, EmpSSLConfig
+    from onepoch.methods.simclr import SimCLR, SimCLRConfig
+    from onepoch.methods.vicreg import VICReg, VICRegConfig
 
-    return {"emp_ssl": MethodEntry("emp_ssl", EmpSSLConfig, EmpSSL)}
+    entries = [MethodEntry("emp_ssl", EmpSSLConfig, EmpSSL), MethodEntry("simclr", SimCLRConfig, SimCLR),
+               MethodEntry("vicreg", VICRegConfig, VICReg),
+               MethodEntry("barlow_twins", BarlowTwinsConfig, BarlowTwins)]
+    return {e.name: e for e in entries}
 
 
 def names() -> list[str]:

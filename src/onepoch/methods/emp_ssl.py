@@ -40,7 +40,6 @@ class EmpSSL(nn.Module):
     """``forward(views, num_views)`` with views patch-major (n·B, C, h, w) → (loss, metrics)."""
 
     name = "emp_ssl"
-    default_views = "emp_ssl_cifar"
 
     def __init__(self, backbone: nn.Module, config: EmpSSLConfig):
         super().__init__()

@@ -1,0 +1,43 @@
+"""SimCLR (Chen et al. 2020): a projector on the backbone and NT-Xent over all views of the batch.
+
+Projector from a spec (default ``2048-2048-128``: hidden Linear+BN+ReLU, final Linear); loss
+:func:`onepoch.losses.nt_xent_loss` with temperature τ (0.2; Bordes et al. 2023's single-GPU recipe
+uses 0.15 with lr 1.0). Any number of views >= 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from onepoch.errors import ConfigError
+from onepoch.losses import nt_xent_loss
+from onepoch.methods.common import BackboneProjector
+from onepoch.models import parse_mlp_spec
+
+
+@dataclass
+class SimCLRConfig:
+    projector: str | int = "2048-2048-128"
+    temperature: float = 0.2
+
+    def __post_init__(self):
+        parse_mlp_spec(self.projector)
+        if not self.temperature > 0:
+            raise ConfigError(f"method.temperature must be > 0, got {self.temperature}")
+
+
+class SimCLR(BackboneProjector):
+    """``forward(views, num_views)`` with views view-major (V·B, C, h, w) → (loss, metrics)."""
+
+    name = "simclr"
+
+    def __init__(self, backbone: nn.Module, config: SimCLRConfig):
+        super().__init__(backbone, config.projector)
+        self.config = config
+
+    def forward(self, views: torch.Tensor, num_views: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = nt_xent_loss(self.embed_views(views, num_views), self.config.temperature)
+        return loss, {"nt_xent": loss.detach()}

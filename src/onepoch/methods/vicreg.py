@@ -1,0 +1,47 @@
+"""VICReg (Bardes, Ponce, LeCun 2022): an expander on the backbone and variance-invariance-covariance
+regularisation of the embeddings of every pair of views.
+
+Expander from a spec (paper: ``8192-8192-8192``, hidden Linear+BN+ReLU, final Linear); loss
+:func:`onepoch.losses.vicreg_loss` with λ = 25 (invariance), μ = 25 (variance), ν = 1 (covariance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from onepoch.errors import ConfigError
+from onepoch.losses import vicreg_loss
+from onepoch.methods.common import BackboneProjector
+from onepoch.models import parse_mlp_spec
+
+
+@dataclass
+class VICRegConfig:
+    projector: str | int = "8192-8192-8192"
+    sim_weight: float = 25.0
+    var_weight: float = 25.0
+    cov_weight: float = 1.0
+
+    def __post_init__(self):
+        parse_mlp_spec(self.projector)
+        for key in ("sim_weight", "var_weight", "cov_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"method.{key} must be >= 0, got {getattr(self, key)}")
+
+
+class VICReg(BackboneProjector):
+    """``forward(views, num_views)`` with views view-major (V·B, C, h, w) → (loss, metrics)."""
+
+    name = "vicreg"
+
+    def __init__(self, backbone: nn.Module, config: VICRegConfig):
+        super().__init__(backbone, config.projector)
+        self.config = config
+
+    def forward(self, views: torch.Tensor, num_views: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        c = self.config
+        return vicreg_loss(self.embed_views(views, num_views), sim_weight=c.sim_weight, var_weight=c.var_weight,
+                           cov_weight=c.cov_weight)
