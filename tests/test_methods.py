@@ -52,5 +52,6 @@ def test_more_than_two_views(tmp_path, name):
     config = load_config(f"{name}/fashion_mnist_1epoch", [*SMALL, "method.projector=16-16"])
     torch.manual_seed(0)
     model = build_model(config, 1)
-    loss, parts = model(torch.randn(3 * 4, 1, 12, 12), 3)
+    loss, parts, feats = model(torch.randn(3 * 4, 1, 12, 12), 3)
+    assert feats.shape == (12, model.backbone.feature_dim)
     assert loss.ndim == 0 and math.isfinite(loss.item()) and parts

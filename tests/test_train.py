@@ -86,9 +86,13 @@ def test_train_writes_run_dir_and_resume_continues_exactly(tmp_path, blobs):
     run = config.run_dir
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 17))
-    assert {"loss", "invariance", "tcr", "lr", "patches_per_s"} <= set(lines[0])
+    assert {"loss", "invariance", "tcr", "lr", "patches_per_s", "online_probe_acc", "online_probe_loss"} <= set(lines[0])
+    online = json.loads((run / "online_probe.json").read_text())
+    assert online["step"] == 16 and online["test_acc"] == full.online_probe_test_acc
+    assert 0 <= online["test_acc"] <= 1
     assert [p.name for p in checkpoint_paths(run)] == ["step_0000015.pt", "step_0000016.pt"]  # keep 2
-    final = load_checkpoint(checkpoint_paths(run)[-1])["model"]
+    final_state = load_checkpoint(checkpoint_paths(run)[-1])
+    final = final_state["model"]
 
     # The same run stopped after 5 steps (checkpoint at 3 and 5), then resumed: identical weights.
     config2 = tiny_config(tmp_path, blobs, "train.epochs=2", "name=t2")
@@ -97,11 +101,27 @@ def test_train_writes_run_dir_and_resume_continues_exactly(tmp_path, blobs):
     assert part.steps == 5
     resumed = train(config2, resume=True, progress_bar=False)
     assert resumed.steps == 16
-    again = load_checkpoint(checkpoint_paths(config2.run_dir)[-1])["model"]
+    again_state = load_checkpoint(checkpoint_paths(config2.run_dir)[-1])
+    again = again_state["model"]
     for key in final:
         assert torch.equal(final[key], again[key]), key
+    for key in final_state["probe"]:  # the online probe resumes exactly too
+        assert torch.equal(final_state["probe"][key], again_state["probe"][key]), key
+    assert resumed.online_probe_test_acc == full.online_probe_test_acc
     steps = [json.loads(x)["step"] for x in (config2.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
+
+
+def test_online_probe_learns_the_labels(tmp_path, blobs):
+    """Views that show the whole image: the class (where the bright square is) is learnable."""
+    config = tiny_config(tmp_path, blobs, "views.crop_scale=[1.0,1.0]", "views.flip_p=0.0", "train.epochs=6",
+                         "train.online_probe_lr=0.01")
+    result = train(config, progress_bar=False)
+    assert result.online_probe_test_acc > 0.6  # 4 classes: chance is 0.25
+    off = train(tiny_config(tmp_path, blobs, "name=noprobe", "train.online_probe=false", "train.max_steps=8"),
+                progress_bar=False)
+    assert off.online_probe_test_acc is None and not (off.run_dir / "online_probe.json").exists()
+    assert "online_probe_acc" not in (off.run_dir / "metrics.jsonl").read_text()
 
 
 def test_run_dir_guards(tmp_path, blobs):

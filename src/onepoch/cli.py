@@ -132,6 +132,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(config, resume=args.resume)
     print(f"trained to step {result.steps} in {result.seconds:.1f} s ({result.patches_per_s:,.0f} patches/s); "
           f"final loss {result.final_loss:.4f}; run directory {result.run_dir}")
+    if result.online_probe_test_acc is not None:
+        print(f"online linear probe: {100 * result.online_probe_test_acc:.2f} % on the test split (one view per image)")
     if args.eval:
         from onepoch.eval import evaluate_run
 

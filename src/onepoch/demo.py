@@ -54,6 +54,9 @@ def run_demo(*, data_root: Path, out: Path, overrides: list[str], download: bool
         f"{config.views.get('count', '?')} patches per image, {config.data.batch_size} images per step -> {config.run_dir}")
     result = train(config)
     log(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.patches_per_s:,.0f} patches/s)")
+    if result.online_probe_test_acc is not None:
+        log(f"online linear probe (trained during pre-training, one view per test image): "
+            f"{100 * result.online_probe_test_acc:.2f} %")
 
     device = pick_device(config.train.device)
     train_split, test_split = open_eval_splits(config)
@@ -80,6 +83,7 @@ def run_demo(*, data_root: Path, out: Path, overrides: list[str], download: bool
     report = {
         "run": str(config.run_dir), "train_seconds": result.seconds, "patches_per_s": result.patches_per_s,
         "eval_seconds": eval_seconds, "total_seconds": total, "steps": result.steps,
+        "online_probe_test_acc": result.online_probe_test_acc,
         "raw_pixels": raw, "random_init": random_init, "emp_ssl": trained,
     }
     atomic_write_text(config.run_dir / "demo.json", json.dumps(report, indent=2) + "\n")

@@ -85,6 +85,8 @@ class TrainConfig:
     channels_last: str = "auto"        # auto / on: NHWC memory format (faster on CPU too, benchmarks/train_step.py); off
     compile: bool = False              # torch.compile the model
     threads: int | None = None         # CPU threads (torch.set_num_threads)
+    online_probe: bool = True          # a linear classifier on detached backbone features of the first view
+    online_probe_lr: float = 1e-3      # its own Adam optimizer
     out: str = "runs"                  # the run directory is <out>/<name>
 
     def __post_init__(self):

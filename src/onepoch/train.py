@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -95,6 +97,35 @@ def read_run_config(run_dir: str | os.PathLike) -> RunConfig:
     return build_config(data)
 
 
+def build_online_probe(feature_dim: int, num_classes: int) -> nn.Module:
+    """BatchNorm (no affine) then Linear: a linear classifier on standardised features."""
+    return nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, num_classes))
+
+
+@torch.no_grad()
+def online_probe_accuracy(model: nn.Module, probe: nn.Module, split, spec, *, device: torch.device,
+                          batch_size: int, seed: int, amp: bool, channels_last: bool) -> float:
+    """Accuracy of the online probe on ``split``: one view per image (the training recipe, seeded)."""
+    from onepoch.views import load_view_spec, make_views
+
+    one = load_view_spec(spec, {"count": 1})
+    generator = torch.Generator().manual_seed(seed)
+    model.eval()
+    probe.eval()
+    correct = 0
+    labels = torch.from_numpy(np.array(split.labels))
+    for start in range(0, split.num_images, batch_size):
+        images = torch.from_numpy(np.array(split.images[start:start + batch_size])).to(device)
+        views = make_views(images, one, generator, channels_last=channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            h = model.features(views)["backbone"]
+        pred = probe(h.float()).argmax(1).cpu()
+        correct += int((pred == labels[start:start + batch_size]).sum())
+    model.train()
+    probe.train()
+    return correct / max(1, split.num_images)
+
+
 # --------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
@@ -154,6 +185,7 @@ class TrainResult:
     patches_per_s: float
     final_loss: float
     model: nn.Module
+    online_probe_test_acc: float | None = None  # at the end of training, one view per test image
 
 
 def _prepare_run_dir(config: RunConfig, resume: bool) -> Path:
@@ -230,6 +262,10 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
     oc = config.optim
     optimizer = build_optimizer(model.named_parameters(), oc.name, lr=oc.lr, weight_decay=oc.weight_decay,
                                 momentum=oc.momentum, trust_coefficient=oc.trust_coefficient)
+    probe = probe_opt = None
+    if tc.online_probe:
+        probe = build_online_probe(model.backbone.feature_dim, len(split.class_names)).to(device)
+        probe_opt = torch.optim.Adam(probe.parameters(), lr=tc.online_probe_lr)
     loader = BatchLoader(split, config.data.batch_size, device=device, shuffle=True, drop_last=True,
                          seed=config.seed)
     steps_per_epoch = len(loader)
@@ -248,6 +284,9 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
             except RuntimeError as e:
                 raise TrainingError(f"checkpoint {ckpt_path} does not fit this model: {str(e).splitlines()[0]}") from None
             optimizer.load_state_dict(state["optimizer"])
+            if probe is not None and state.get("probe") is not None:
+                probe.load_state_dict(state["probe"])
+                probe_opt.load_state_dict(state["probe_optimizer"])
             step = int(state["step"])
             view_gen.set_state(state["rng"]["views"])
             torch.set_rng_state(state["rng"]["torch"])
@@ -263,6 +302,8 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
         return {
             "format": CHECKPOINT_FORMAT, "onepoch_version": __version__, "step": at, "total_steps": total_steps,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
+            "probe": probe.state_dict() if probe is not None else None,
+            "probe_optimizer": probe_opt.state_dict() if probe_opt is not None else None,
             "rng": {"views": view_gen.get_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         }
@@ -285,7 +326,7 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
                     group["lr"] = lr
                 views = make_views(batch.images, spec, view_gen, channels_last=use_cl)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss, parts = run_model(views, spec.count)
+                    loss, parts, feats = run_model(views, spec.count)
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     parts_text = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
@@ -294,22 +335,56 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                probe_metrics = {}
+                if probe is not None:
+                    first_view = feats[:batch.images.shape[0]].detach().float()
+                    logits = probe(first_view)
+                    probe_loss = F.cross_entropy(logits, batch.labels)
+                    probe_opt.zero_grad(set_to_none=True)
+                    probe_loss.backward()
+                    probe_opt.step()
+                    probe_metrics = {"online_probe_loss": float(probe_loss.detach()),
+                                     "online_probe_acc": float((logits.argmax(1) == batch.labels).float().mean())}
                 step += 1
                 dt = time.perf_counter() - t0
                 record = {"step": step, "epoch": epoch, "loss": loss_value,
-                          **{k: float(v) for k, v in parts.items()}, "lr": lr,
+                          **{k: float(v) for k, v in parts.items()}, **probe_metrics, "lr": lr,
                           "patches_per_s": patches_per_step / dt, "time": time.time()}
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", patches_s=f"{patches_per_step / dt:,.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss_value:.3f}", patches_s=f"{patches_per_step / dt:,.0f}",
+                                **({"probe_acc": f"{probe_metrics['online_probe_acc']:.2f}"} if probe_metrics else {}),
+                                refresh=False)
                 if step % tc.checkpoint_every == 0 or step == end_step:
                     save_checkpoint(run_dir, snapshot(step), tc.keep_checkpoints)
     bar.close()
     seconds = time.perf_counter() - start
     done = step - first_step
+    online_acc = None
+    if probe is not None and step == total_steps:
+        online_acc = _online_probe_report(config, model, probe, spec, device, amp, use_cl, run_dir, step)
     if done == 0 and latest_checkpoint(run_dir) is None:
         save_checkpoint(run_dir, snapshot(step), tc.keep_checkpoints)
     return TrainResult(run_dir=run_dir, steps=step, seconds=seconds,
                        patches_per_s=done * patches_per_step / seconds if seconds > 0 and done else 0.0,
-                       final_loss=loss_value, model=model)
+                       final_loss=loss_value, model=model, online_probe_test_acc=online_acc)
+
+
+def _online_probe_report(config: RunConfig, model, probe, spec, device, amp: bool, channels_last: bool,
+                         run_dir: Path, step: int) -> float | None:
+    """Test accuracy of the online probe at the end of training, written to ``online_probe.json``."""
+    from onepoch.data.prepared import open_split
+    from onepoch.errors import DataError
+
+    try:
+        test = open_split(Path(config.data.root), config.data.test_split)
+    except DataError:
+        return None  # no test split: nothing to report
+    if config.data.test_limit is not None and config.data.test_limit < test.num_images:
+        test = test.subset(config.data.test_limit)
+    acc = online_probe_accuracy(model, probe, test, spec, device=device, batch_size=config.eval.batch_size,
+                                seed=config.eval.seed, amp=amp, channels_last=channels_last)
+    atomic_write_text(run_dir / "online_probe.json",
+                      json.dumps({"step": step, "split": config.data.test_split, "test_acc": acc}, indent=2) + "\n")
+    return acc

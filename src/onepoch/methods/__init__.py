@@ -10,7 +10,12 @@ from onepoch.errors import ConfigError
 
 @dataclass(frozen=True)
 class MethodEntry:
-    """A method: its config dataclass and its module class (built as ``cls(backbone, config)``)."""
+    """A method: its config dataclass and its module class (built as ``cls(backbone, config)``).
+
+    The module's ``forward(views, num_views)`` takes view-major views (V·B, C, h, w) and returns
+    ``(loss, parts, features)``: the loss, a dict of detached loss parts for the metrics, and the
+    backbone features (V·B, F) of the views (rows 0..B-1: the first view; the online probe reads them).
+    """
 
     name: str
     config_class: type

@@ -32,7 +32,8 @@ class BarlowTwinsConfig:
 
 
 class BarlowTwins(BackboneProjector):
-    """``forward(views, num_views)`` with views view-major (V·B, C, h, w) → (loss, metrics)."""
+    """``forward(views, num_views)`` with views view-major (V·B, C, h, w) → (loss, metrics, backbone
+    features of every view)."""
 
     name = "barlow_twins"
 
@@ -40,6 +41,7 @@ class BarlowTwins(BackboneProjector):
         super().__init__(backbone, config.projector)
         self.config = config
 
-    def forward(self, views: torch.Tensor, num_views: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss = barlow_twins_loss(self.embed_views(views, num_views), self.config.lambda_offdiag)
-        return loss, {"barlow_twins": loss.detach()}
+    def forward(self, views: torch.Tensor, num_views: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        z, h = self.embed_views(views, num_views)
+        loss = barlow_twins_loss(z, self.config.lambda_offdiag)
+        return loss, {"barlow_twins": loss.detach()}, h

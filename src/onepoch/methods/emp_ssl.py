@@ -37,7 +37,8 @@ class EmpSSLConfig:
 
 
 class EmpSSL(nn.Module):
-    """``forward(views, num_views)`` with views patch-major (n·B, C, h, w) → (loss, metrics)."""
+    """``forward(views, num_views)`` with views patch-major (n·B, C, h, w) → (loss, metrics, backbone
+    features of every view)."""
 
     name = "emp_ssl"
 
@@ -54,8 +55,9 @@ class EmpSSL(nn.Module):
         h = self.backbone(x)
         return {"backbone": h, "pre_feature": self.pre_feature(h)}
 
-    def forward(self, views: torch.Tensor, num_views: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        z = F.normalize(self.projection(self.pre_feature(self.backbone(views))), dim=-1)
+    def forward(self, views: torch.Tensor, num_views: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        h = self.backbone(views)
+        z = F.normalize(self.projection(self.pre_feature(h)), dim=-1)
         z = z.float().view(num_views, -1, z.shape[-1])
         loss, parts = emp_ssl_loss(z, eps=self.config.eps, invariance_weight=self.config.invariance_weight)
-        return loss, parts
+        return loss, parts, h
