@@ -71,6 +71,17 @@ def _check_labels(y: torch.Tensor, what: str, n: int | None = None) -> None:
         raise ConfigError(f"{what} has {y.shape[0]} labels but the features have {n} rows")
 
 
+def _check_probe_inputs(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                        test_y: torch.Tensor) -> None:
+    """Both feature matrices 2-D with the same width, each with one label per row."""
+    _check_features(train_x, "train_x")
+    _check_labels(train_y, "train_y", train_x.shape[0])
+    _check_features(test_x, "test_x")
+    _check_labels(test_y, "test_y", test_x.shape[0])
+    if test_x.shape[1] != train_x.shape[1]:
+        raise ConfigError(f"test_x has {test_x.shape[1]} features but train_x has {train_x.shape[1]}")
+
+
 def _describe(x: object) -> str:
     if isinstance(x, torch.Tensor):
         return f"shape {tuple(x.shape)}"
@@ -281,12 +292,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     ``train_x`` on ``device`` (default ``train_x.device``); minibatches are contiguous blocks of it,
     visited in a fresh seeded order each epoch.
     """
-    _check_features(train_x, "train_x")
-    _check_labels(train_y, "train_y", train_x.shape[0])
-    _check_features(test_x, "test_x")
-    _check_labels(test_y, "test_y", test_x.shape[0])
-    if test_x.shape[1] != train_x.shape[1]:
-        raise ConfigError(f"test_x has {test_x.shape[1]} features but train_x has {train_x.shape[1]}")
+    _check_probe_inputs(train_x, train_y, test_x, test_y)
     _check_val_fraction(val_fraction)
     wds = [float(w) for w in weight_decays]
     eps = sorted({int(e) for e in epochs})
@@ -419,12 +425,7 @@ def knn_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor
     val_fraction, seed)``'s val part predicted from its train part; ``test_acc`` predicts ``test_x``
     from the whole training set. ``chosen = {"k": k, "temperature": temperature}``.
     """
-    _check_features(train_x, "train_x")
-    _check_labels(train_y, "train_y", train_x.shape[0])
-    _check_features(test_x, "test_x")
-    _check_labels(test_y, "test_y", test_x.shape[0])
-    if test_x.shape[1] != train_x.shape[1]:
-        raise ConfigError(f"test_x has {test_x.shape[1]} features but train_x has {train_x.shape[1]}")
+    _check_probe_inputs(train_x, train_y, test_x, test_y)
     _check_knn_args(k, temperature, chunk)
     _check_val_fraction(val_fraction)
     num_classes = _resolve_classes(train_y, num_classes)

@@ -190,7 +190,6 @@ class TrainResult:
 
 def _prepare_run_dir(config: RunConfig, resume: bool) -> Path:
     run_dir = config.run_dir
-    text = config_to_yaml(config)
     existing = run_dir / "config.yaml"
     if resume:
         if not existing.exists():
@@ -205,7 +204,7 @@ def _prepare_run_dir(config: RunConfig, resume: bool) -> Path:
         raise TrainingError(f"run directory {run_dir} already exists; pass --resume to continue it, "
                             f"or choose another name=... or train.out=...")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(existing, text)
+    atomic_write_text(existing, config_to_yaml(config))
     return run_dir
 
 
