@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from onepoch.errors import ConfigError
-from onepoch.optim import LARS, build_optimizer, warmup_cosine
+from onepoch.optim import LARS, build_optimizer, set_learning_rate, warmup_cosine
 
 
 def test_lars_step_matches_the_formula():
@@ -46,6 +46,21 @@ def test_build_optimizer_splits_one_dimensional_parameters():
         assert many["weight_decay"] == 0.5
     with pytest.raises(ConfigError, match="did you mean 'lars'"):
         build_optimizer(net.named_parameters(), "lasr", lr=0.1, weight_decay=0.0)
+
+
+def test_norm_bias_lr_scale_sets_the_one_dimensional_group_lr():
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    for name in ("lars", "sgd", "adamw"):
+        opt = build_optimizer(net.named_parameters(), name, lr=0.1, weight_decay=0.0, norm_bias_lr_scale=0.024)
+        set_learning_rate(opt, 0.2)
+        assert [g["lr"] for g in opt.param_groups] == [0.2, pytest.approx(0.2 * 0.024)]
+    # the 1-D step is scaled: one SGD step without momentum moves a bias by lr * scale * grad
+    bias = nn.Parameter(torch.zeros(3))
+    opt = build_optimizer([("b", bias)], "sgd", lr=1.0, weight_decay=0.0, momentum=0.0, norm_bias_lr_scale=0.5)
+    set_learning_rate(opt, 1.0)
+    bias.grad = torch.ones(3)
+    opt.step()
+    assert torch.equal(bias.detach(), torch.full((3,), -0.5))
 
 
 def test_warmup_cosine():

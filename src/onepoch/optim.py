@@ -83,22 +83,33 @@ def split_decay(params: Iterable[tuple[str, nn.Parameter]]) -> tuple[list[nn.Par
 
 
 def build_optimizer(named_params, name: str, *, lr: float, weight_decay: float, momentum: float = 0.9,
-                    trust_coefficient: float = 0.005, betas: tuple[float, float] = (0.9, 0.999)
-                    ) -> torch.optim.Optimizer:
-    """The optimizer ``name`` over ``named_params``; 1-D parameters get no weight decay (and no LARS)."""
+                    trust_coefficient: float = 0.005, betas: tuple[float, float] = (0.9, 0.999),
+                    norm_bias_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``named_params``; 1-D parameters get no weight decay (and no LARS).
+
+    Each param group carries ``lr_scale`` (1 for the weights, ``norm_bias_lr_scale`` for the 1-D
+    parameters): a schedule sets ``group["lr"] = lr_at_step * group["lr_scale"]``
+    (:func:`set_learning_rate`).
+    """
     many, one = split_decay(named_params)
+    groups = [{"params": many, "lr_scale": 1.0},
+              {"params": one, "weight_decay": 0.0, "lr_scale": norm_bias_lr_scale}]
     if name == "lars":
-        return LARS([{"params": many}, {"params": one, "weight_decay": 0.0, "lars": False}], lr=lr,
-                    momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient)
+        groups[1]["lars"] = False
+        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient)
     if name == "sgd":
-        return torch.optim.SGD([{"params": many}, {"params": one, "weight_decay": 0.0}], lr=lr,
-                               momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW([{"params": many}, {"params": one, "weight_decay": 0.0}], lr=lr,
-                                 betas=betas, weight_decay=weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
     from onepoch.config import suggest
 
     raise ConfigError(f"unknown optim.name {name!r}{suggest(name, OPTIMIZERS)}; choose one of: {', '.join(OPTIMIZERS)}")
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set each param group's lr to ``lr`` times its ``lr_scale`` (1 when absent)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final_ratio: float = 0.0) -> float:

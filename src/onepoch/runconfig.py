@@ -5,6 +5,7 @@ name: emp_ssl_fashion_mnist
 seed: 0
 data:   {root: data/fashion-mnist, batch_size: 100, limit: null}
 views:  {preset: emp_ssl_fashion_mnist, count: 16}     # a preset and/or any ViewSpec field
+        # or view groups: {preset: simclr_cifar, groups: [{count: 1, blur_p: 1.0}, {count: 1, blur_p: 0.1}]}
 model:  {arch: resnet18, stem: cifar, width: 1.0}
 method: {name: emp_ssl, eps: 0.2, invariance_weight: 200}   # the method's own keys
 optim:  {name: lars, lr: 0.3, weight_decay: 1e-4, warmup_steps: 0.05}
@@ -65,11 +66,12 @@ class OptimConfig:
     trust_coefficient: float = 0.005
     warmup_steps: float = 0.0          # a step count, or a fraction of all steps when < 1
     final_lr_ratio: float = 0.0
+    norm_bias_lr_scale: float = 1.0    # lr multiplier of biases and norm parameters (Barlow Twins: 0.0048/0.2)
 
     def __post_init__(self):
         if not self.lr > 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
-        for key in ("weight_decay", "momentum", "warmup_steps", "final_lr_ratio"):
+        for key in ("weight_decay", "momentum", "warmup_steps", "final_lr_ratio", "norm_bias_lr_scale"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"optim.{key} must be >= 0, got {getattr(self, key)}")
 
@@ -243,11 +245,35 @@ def build_config(data: dict[str, Any]) -> RunConfig:
     method_cfg = dataclass_from_dict(entry.config_class, {k: v for k, v in method.items() if k != "name"},
                                      where="method")
     values["method"] = {"name": entry.name, **dataclasses.asdict(method_cfg)}
-    views = dict(data.get("views") or {})
-    preset = views.pop("preset", None)
-    load_view_spec(preset, views)  # validates the keys and values
-    values["views"] = {"preset": preset, **views} if preset is not None else views
+    views = data.get("views") or {}
+    if not isinstance(views, dict):
+        raise ConfigError(f"views must be a mapping of view keys, got {type(views).__name__}")
+    for preset, keys in view_groups(views):
+        load_view_spec(preset, keys)  # validates the keys and values
+    values["views"] = dict(views)
     return RunConfig(**values)
+
+
+def view_groups(views: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
+    """The ``(preset, keys)`` of each view group of a ``views`` section.
+
+    Without ``groups`` there is one group: the section's preset and keys. With ``groups`` (a list of
+    mappings, e.g. BYOL's two asymmetric views or SwAV's large and small crops) each group is the
+    section's preset and keys with the group's own keys (its ``preset`` too) on top.
+    """
+    views = dict(views)
+    groups = views.pop("groups", None)
+    preset = views.pop("preset", None)
+    if groups is None:
+        return [(preset, views)]
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
+        raise ConfigError("views.groups must be a non-empty list of mappings of view keys, "
+                          "e.g. [{count: 1, blur_p: 1.0}, {count: 1, blur_p: 0.1}]")
+    out = []
+    for group in groups:
+        group = dict(group)
+        out.append((group.pop("preset", preset), {**views, **group}))
+    return out
 
 
 def load_config(recipe: str | Path | None, overrides: list[str] | dict[str, Any] = ()) -> RunConfig:

@@ -54,18 +54,38 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def view_spec_for(config: RunConfig, mean: list[float], std: list[float], count: int | None = None):
-    """The run's ViewSpec; the dataset's channel mean/std normalise the views unless the recipe sets them."""
+def view_specs_for(config: RunConfig, mean: list[float], std: list[float]) -> list:
+    """The run's ViewSpec of each view group (one unless ``views.groups``); the dataset's channel
+    mean/std normalise the views unless the recipe sets them."""
+    from onepoch.runconfig import view_groups
     from onepoch.views import load_view_spec
 
-    views = dict(config.views)
-    preset = views.pop("preset", None)
-    if count is not None:
-        views["count"] = count
-    spec = load_view_spec(preset, views)
-    if spec.mean is None:
-        spec = load_view_spec(spec, {"mean": list(mean), "std": list(std)})
-    return spec
+    specs = []
+    for preset, keys in view_groups(config.views):
+        spec = load_view_spec(preset, keys)
+        if spec.mean is None:
+            spec = load_view_spec(spec, {"mean": list(mean), "std": list(std)})
+        specs.append(spec)
+    return specs
+
+
+def view_spec_for(config: RunConfig, mean: list[float], std: list[float], count: int | None = None):
+    """The first view group's ViewSpec (the training-size views, which evaluation and the online
+    probe use), with ``count`` views when given."""
+    from onepoch.views import load_view_spec
+
+    spec = view_specs_for(config, mean, std)[0]
+    return spec if count is None else load_view_spec(spec, {"count": count})
+
+
+def make_view_groups(images: torch.Tensor, specs: list, generator: torch.Generator, *,
+                     channels_last: bool) -> list[torch.Tensor]:
+    """The views of a uint8 batch (B, H, W, C) for each spec: a list of (count, B, C, size, size)."""
+    from onepoch.views import make_views
+
+    b = images.shape[0]
+    return [make_views(images, spec, generator, channels_last=channels_last).unflatten(0, (spec.count, b))
+            for spec in specs]
 
 
 def build_model(config: RunConfig, in_chans: int) -> nn.Module:
@@ -237,9 +257,8 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
     """Train ``config`` to the end (or to ``train.max_steps``), writing the run directory."""
     from onepoch.data.loader import BatchLoader
     from onepoch.data.prepared import open_split
-    from onepoch.optim import build_optimizer, warmup_cosine
+    from onepoch.optim import build_optimizer, set_learning_rate, warmup_cosine
     from onepoch.progress import progress
-    from onepoch.views import make_views
 
     tc = config.train
     device = pick_device(tc.device)
@@ -249,7 +268,7 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
     if config.data.limit is not None and config.data.limit < split.num_images:
         split = split.subset(config.data.limit)
     in_chans = split.shape[-1]
-    spec = view_spec_for(config, split.mean, split.std)
+    specs = view_specs_for(config, split.mean, split.std)
     run_dir = _prepare_run_dir(config, resume)
 
     torch.manual_seed(config.seed)
@@ -260,7 +279,8 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
     amp = tc.amp == "bf16" or (tc.amp == "auto" and device.type == "cuda")
     oc = config.optim
     optimizer = build_optimizer(model.named_parameters(), oc.name, lr=oc.lr, weight_decay=oc.weight_decay,
-                                momentum=oc.momentum, trust_coefficient=oc.trust_coefficient)
+                                momentum=oc.momentum, trust_coefficient=oc.trust_coefficient,
+                                norm_bias_lr_scale=oc.norm_bias_lr_scale)
     probe = probe_opt = None
     if tc.online_probe:
         probe = build_online_probe(model.backbone.feature_dim, len(split.class_names)).to(device)
@@ -295,7 +315,9 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
 
     run_model = torch.compile(model) if tc.compile else model
     end_step = total_steps if tc.max_steps is None else min(total_steps, tc.max_steps)
-    patches_per_step = config.data.batch_size * spec.count
+    patches_per_step = config.data.batch_size * sum(spec.count for spec in specs)
+    before_step = getattr(model, "before_optimizer_step", None)
+    after_step = getattr(model, "after_optimizer_step", None)
 
     def snapshot(at: int) -> dict[str, Any]:
         return {
@@ -321,11 +343,10 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
                     break
                 t0 = time.perf_counter()
                 lr = oc.lr * warmup_cosine(step, total_steps, warmup, oc.final_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                views = make_views(batch.images, spec, view_gen, channels_last=use_cl)
+                set_learning_rate(optimizer, lr)
+                views = make_view_groups(batch.images, specs, view_gen, channels_last=use_cl)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss, parts, feats = run_model(views, spec.count)
+                    loss, parts, feats = run_model(views)
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     parts_text = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
@@ -333,7 +354,11 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
                                         f"checkpoint is kept in {run_dir / 'checkpoints'}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if before_step is not None:
+                    before_step(step, total_steps)
                 optimizer.step()
+                if after_step is not None:
+                    after_step(step, total_steps)
                 probe_metrics = {}
                 if probe is not None:
                     first_view = feats[:batch.images.shape[0]].detach().float()
@@ -362,7 +387,7 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
     done = step - first_step
     online_acc = None
     if probe is not None and step == total_steps:
-        online_acc = _online_probe_report(config, model, probe, spec, device, amp, use_cl, run_dir, step)
+        online_acc = _online_probe_report(config, model, probe, specs[0], device, amp, use_cl, run_dir, step)
     if done == 0 and latest_checkpoint(run_dir) is None:
         save_checkpoint(run_dir, snapshot(step), tc.keep_checkpoints)
     return TrainResult(run_dir=run_dir, steps=step, seconds=seconds,

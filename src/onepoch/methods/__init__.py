@@ -12,9 +12,14 @@ from onepoch.errors import ConfigError
 class MethodEntry:
     """A method: its config dataclass and its module class (built as ``cls(backbone, config)``).
 
-    The module's ``forward(views, num_views)`` takes view-major views (V·B, C, h, w) and returns
+    The module's ``forward(views)`` takes a list of view groups, each (V_g, B, C, h, w) (one group,
+    or several from ``views.groups``: asymmetric views, multi-crop sizes), and returns
     ``(loss, parts, features)``: the loss, a dict of detached loss parts for the metrics, and the
-    backbone features (V·B, F) of the views (rows 0..B-1: the first view; the online probe reads them).
+    backbone features (V·B, F) of the views the online network saw (rows 0..B-1: one view of each
+    image, in batch order; the online probe reads them). Its ``features(x)`` gives the layers an
+    evaluation reads (``"backbone"`` at least). Optional hooks, called by the trainer with the 0-based
+    step and the total number of steps: ``before_optimizer_step`` (gradients are there, e.g. to
+    freeze SwAV's prototypes) and ``after_optimizer_step`` (e.g. an EMA target update).
     """
 
     name: str
@@ -24,13 +29,17 @@ class MethodEntry:
 
 def _registry() -> dict[str, MethodEntry]:
     from onepoch.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig
+    from onepoch.methods.byol import BYOL, BYOLConfig
     from onepoch.methods.emp_ssl import EmpSSL, EmpSSLConfig
+    from onepoch.methods.ressl import ReSSL, ReSSLConfig
     from onepoch.methods.simclr import SimCLR, SimCLRConfig
+    from onepoch.methods.swav import SwAV, SwAVConfig
     from onepoch.methods.vicreg import VICReg, VICRegConfig
 
     entries = [MethodEntry("emp_ssl", EmpSSLConfig, EmpSSL), MethodEntry("simclr", SimCLRConfig, SimCLR),
-               MethodEntry("vicreg", VICRegConfig, VICReg),
-               MethodEntry("barlow_twins", BarlowTwinsConfig, BarlowTwins)]
+               MethodEntry("byol", BYOLConfig, BYOL), MethodEntry("vicreg", VICRegConfig, VICReg),
+               MethodEntry("barlow_twins", BarlowTwinsConfig, BarlowTwins), MethodEntry("swav", SwAVConfig, SwAV),
+               MethodEntry("ressl", ReSSLConfig, ReSSL)]
     return {e.name: e for e in entries}
 
 

@@ -32,7 +32,7 @@ class BarlowTwinsConfig:
 
 
 class BarlowTwins(BackboneProjector):
-    """``forward(views, num_views)`` with views view-major (V·B, C, h, w) → (loss, metrics, backbone
+    """``forward(views)`` with view groups (V_g, B, C, h, w) of one size → (loss, metrics, backbone
     features of every view)."""
 
     name = "barlow_twins"
@@ -41,7 +41,7 @@ class BarlowTwins(BackboneProjector):
         super().__init__(backbone, config.projector)
         self.config = config
 
-    def forward(self, views: torch.Tensor, num_views: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        z, h = self.embed_views(views, num_views)
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        z, h = self.embed_views(views)
         loss = barlow_twins_loss(z, self.config.lambda_offdiag)
         return loss, {"barlow_twins": loss.detach()}, h

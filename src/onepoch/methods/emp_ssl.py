@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onepoch.losses import emp_ssl_loss
+from onepoch.methods.common import stack_views
 from onepoch.models import mlp, parse_mlp_spec
 
 
@@ -37,8 +38,8 @@ class EmpSSLConfig:
 
 
 class EmpSSL(nn.Module):
-    """``forward(views, num_views)`` with views patch-major (n·B, C, h, w) → (loss, metrics, backbone
-    features of every view)."""
+    """``forward(views)`` with patch groups (n_g, B, C, h, w) of one size → (loss, metrics, backbone
+    features of every patch, patch-major)."""
 
     name = "emp_ssl"
 
@@ -55,9 +56,10 @@ class EmpSSL(nn.Module):
         h = self.backbone(x)
         return {"backbone": h, "pre_feature": self.pre_feature(h)}
 
-    def forward(self, views: torch.Tensor, num_views: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        h = self.backbone(views)
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        x = stack_views(views)
+        h = self.backbone(x.flatten(0, 1))
         z = F.normalize(self.projection(self.pre_feature(h)), dim=-1)
-        z = z.float().view(num_views, -1, z.shape[-1])
+        z = z.float().view(x.shape[0], x.shape[1], z.shape[-1])
         loss, parts = emp_ssl_loss(z, eps=self.config.eps, invariance_weight=self.config.invariance_weight)
         return loss, parts, h

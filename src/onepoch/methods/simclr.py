@@ -30,7 +30,7 @@ class SimCLRConfig:
 
 
 class SimCLR(BackboneProjector):
-    """``forward(views, num_views)`` with views view-major (V·B, C, h, w) → (loss, metrics, backbone
+    """``forward(views)`` with view groups (V_g, B, C, h, w) of one size → (loss, metrics, backbone
     features of every view)."""
 
     name = "simclr"
@@ -39,7 +39,7 @@ class SimCLR(BackboneProjector):
         super().__init__(backbone, config.projector)
         self.config = config
 
-    def forward(self, views: torch.Tensor, num_views: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        z, h = self.embed_views(views, num_views)
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        z, h = self.embed_views(views)
         loss = nt_xent_loss(z, self.config.temperature)
         return loss, {"nt_xent": loss.detach()}, h

@@ -33,7 +33,7 @@ class VICRegConfig:
 
 
 class VICReg(BackboneProjector):
-    """``forward(views, num_views)`` with views view-major (V·B, C, h, w) → (loss, metrics, backbone
+    """``forward(views)`` with view groups (V_g, B, C, h, w) of one size → (loss, metrics, backbone
     features of every view)."""
 
     name = "vicreg"
@@ -42,8 +42,8 @@ class VICReg(BackboneProjector):
         super().__init__(backbone, config.projector)
         self.config = config
 
-    def forward(self, views: torch.Tensor, num_views: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         c = self.config
-        z, h = self.embed_views(views, num_views)
+        z, h = self.embed_views(views)
         loss, parts = vicreg_loss(z, sim_weight=c.sim_weight, var_weight=c.var_weight, cov_weight=c.cov_weight)
         return loss, parts, h

@@ -1,0 +1,120 @@
+"""SwAV (Caron et al. 2020): the code (Sinkhorn-Knopp assignment to prototypes) of one view is
+predicted from every other view.
+
+Backbone, projector (spec, paper ``2048-128``), L2-normalised embedding z, prototype scores
+s = C·z with C the L2-normalised rows of a bias-free Linear (``prototypes`` of them, renormalised
+after every step). Codes come from the first ``code_views`` views with
+:func:`onepoch.losses.sinkhorn_knopp` (ε 0.05, 3 iterations); loss :func:`onepoch.losses.swav_loss`
+(τ 0.1). Multi-crop: give view groups of several sizes (``views.groups``, large crops first); each
+size goes through the backbone as its own batch. The prototypes get no update for the first
+``freeze_prototypes_steps`` steps. With ``queue_size`` > 0 the embeddings of the code views of the
+last steps are kept and, once the queue is full, scored with the batch in Sinkhorn-Knopp (for small
+batches), as in the paper; the queue is a buffer, so it is in every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from onepoch.errors import ConfigError
+from onepoch.losses import sinkhorn_knopp, swav_loss
+from onepoch.models import mlp, parse_mlp_spec
+
+
+@dataclass
+class SwAVConfig:
+    projector: str | int = "2048-128"
+    prototypes: int = 3000
+    temperature: float = 0.1
+    sinkhorn_epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    code_views: int = 2                 # codes from the first views (the large crops)
+    freeze_prototypes_steps: int = 0
+    queue_size: int = 0                 # embeddings per code view; 0: no queue
+
+    def __post_init__(self):
+        parse_mlp_spec(self.projector)
+        for key in ("prototypes", "sinkhorn_iterations", "code_views"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"method.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("temperature", "sinkhorn_epsilon"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"method.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("freeze_prototypes_steps", "queue_size"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"method.{key} must be >= 0, got {getattr(self, key)}")
+
+
+class SwAV(nn.Module):
+    """``forward(views)`` with view groups (V_g, B, C, h_g, w_g), sizes may differ, the first
+    ``code_views`` views (in group order) at the training size → (loss, metrics, backbone features of
+    every view). Hooks: prototypes frozen early (``before_optimizer_step``), renormalised after each
+    step (``after_optimizer_step``)."""
+
+    name = "swav"
+
+    def __init__(self, backbone: nn.Module, config: SwAVConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.projector = mlp(backbone.feature_dim, config.projector)
+        dim = parse_mlp_spec(config.projector)[-1]
+        self.prototypes = nn.Linear(dim, config.prototypes, bias=False)
+        self._normalize_prototypes()
+        self.register_buffer("queue", torch.zeros(config.code_views, config.queue_size, dim))
+        self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
+
+    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"backbone": self.backbone(x)}
+
+    @torch.no_grad()
+    def _normalize_prototypes(self) -> None:
+        w = self.prototypes.weight
+        w.copy_(F.normalize(w, dim=1))
+
+    def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        c = self.config
+        num_views = sum(v.shape[0] for v in views)
+        if not 2 <= num_views or c.code_views > num_views:
+            raise ValueError(f"SwAV needs >= 2 views and at least code_views={c.code_views}, got {num_views}")
+        hs, zs = [], []
+        for group in views:
+            v, b = group.shape[:2]
+            h = self.backbone(group.flatten(0, 1))
+            hs.append(h)
+            zs.append(F.normalize(self.projector(h).float(), dim=-1).view(v, b, -1))
+        z = torch.cat(zs)                                      # [V, B, d]
+        scores = self.prototypes(z.to(self.prototypes.weight.dtype)).float()  # [V, B, K]
+        codes = torch.stack([self._codes(i, scores[i]) for i in range(c.code_views)])
+        loss = swav_loss(scores, codes, c.temperature)
+        if c.queue_size:
+            self._enqueue(z[:c.code_views])
+        return loss, {"swav": loss.detach()}, torch.cat(hs)
+
+    @torch.no_grad()
+    def _codes(self, view: int, scores: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        b = scores.shape[0]
+        if c.queue_size and int(self.queue_count) >= c.queue_size:
+            queued = self.prototypes(self.queue[view].to(self.prototypes.weight.dtype)).float()
+            scores = torch.cat([scores, queued])
+        return sinkhorn_knopp(scores, c.sinkhorn_epsilon, c.sinkhorn_iterations)[:b]
+
+    @torch.no_grad()
+    def _enqueue(self, z: torch.Tensor) -> None:
+        """Shift the queue by B and put the batch's code-view embeddings [Vc, B, d] first."""
+        b = min(z.shape[1], self.config.queue_size)
+        self.queue.copy_(torch.cat([z[:, :b].to(self.queue.dtype), self.queue[:, :self.queue.shape[1] - b]], dim=1))
+        self.queue_count.add_(b)
+
+    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+        if step < self.config.freeze_prototypes_steps:
+            self.prototypes.weight.grad = None
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        if step >= self.config.freeze_prototypes_steps:  # (frozen ones did not move)
+            self._normalize_prototypes()

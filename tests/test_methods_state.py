@@ -1,0 +1,200 @@
+"""Method state beyond the weights: EMA targets (BYOL, ReSSL), queues (ReSSL, SwAV), SwAV's prototypes,
+view groups, and exact resume of all of it."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_methods import SMALL, TINY_HEADS
+from test_train import make_blobs
+
+from onepoch.errors import ConfigError
+from onepoch.methods.common import cosine_momentum, ema_update_, stack_views
+from onepoch.methods.ressl import enqueue_
+from onepoch.runconfig import load_config, view_groups
+from onepoch.train import build_model, checkpoint_paths, load_checkpoint, make_view_groups, train, view_specs_for
+
+
+def tiny(name, tmp_path=None, *extra):
+    where = [f"train.out={tmp_path}"] if tmp_path is not None else []
+    return load_config(f"{name}/fashion_mnist_1epoch", [*SMALL, *TINY_HEADS[name], *where, *extra])
+
+
+# ---------------------------------------------------------------------------------------------- EMA
+
+
+def test_cosine_momentum_goes_from_base_to_one():
+    assert cosine_momentum(0, 100, 0.996) == pytest.approx(0.996)
+    assert cosine_momentum(50, 100, 0.996) == pytest.approx(0.998)
+    assert cosine_momentum(100, 100, 0.996) == pytest.approx(1.0)
+    values = [cosine_momentum(s, 100, 0.9) for s in range(101)]
+    assert all(a <= b for a, b in zip(values, values[1:]))
+
+
+def test_ema_update_follows_the_formula_and_leaves_buffers():
+    torch.manual_seed(0)
+    online, target = torch.nn.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
+    torch.nn.init.normal_(online.weight)
+    torch.nn.init.normal_(target.weight)
+    target.running_mean.fill_(3.0)
+    before = target.weight.detach().clone()
+    ema_update_(target, online, 0.9)
+    torch.testing.assert_close(target.weight, 0.9 * before + 0.1 * online.weight, rtol=0, atol=1e-6)
+    assert torch.equal(target.running_mean, torch.full((4,), 3.0))
+    ema_update_(target, online, 0.0)
+    assert torch.equal(target.weight, online.weight)
+    with pytest.raises(ValueError, match="same structure"):
+        ema_update_(target, torch.nn.Linear(2, 2), 0.5)
+
+
+def test_byol_target_gets_no_gradient_and_follows_the_online_network(tmp_path):
+    config = tiny("byol")
+    torch.manual_seed(0)
+    model = build_model(config, 1)
+    online = {k: v.detach().clone() for k, v in model.backbone.named_parameters()}
+    target = {k: v.detach().clone() for k, v in model.target_backbone.named_parameters()}
+    assert all(torch.equal(online[k], target[k]) for k in online)  # a copy at the start
+    loss, _, _ = model([torch.randn(2, 8, 1, 12, 12)])
+    loss.backward()
+    assert all(p.grad is None for p in model.target_backbone.parameters())
+    assert all(p.grad is None for p in model.target_projector.parameters())
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(1.0)
+    model.after_optimizer_step(0, 10)
+    tau = cosine_momentum(0, 10, config.method["momentum"])
+    for k, p in model.target_backbone.named_parameters():
+        torch.testing.assert_close(p, tau * target[k] + (1 - tau) * (online[k] + 1.0), rtol=0, atol=1e-6)
+
+
+def test_byol_target_is_not_in_the_optimizer(tmp_path):
+    root = make_blobs(tmp_path / "blobs")
+    config = tiny("byol", tmp_path, f"data.root={root}", "train.max_steps=2")
+    model = train(config, progress_bar=False).model
+    state = load_checkpoint(checkpoint_paths(config.run_dir)[-1])
+    trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    in_optimizer = sum(len(g["params"]) for g in state["optimizer"]["param_groups"])
+    assert in_optimizer == trainable < sum(1 for _ in model.parameters())
+    assert any(k.startswith("target_backbone.") for k in state["model"])  # the target is checkpointed
+
+
+# --------------------------------------------------------------------------------------------- queues
+
+
+def test_enqueue_is_a_ring_buffer():
+    queue, pointer = torch.zeros(5, 1), torch.zeros((), dtype=torch.long)
+    enqueue_(queue, pointer, torch.tensor([[1.0], [2.0], [3.0]]))
+    assert queue.flatten().tolist() == [1, 2, 3, 0, 0] and int(pointer) == 3
+    enqueue_(queue, pointer, torch.tensor([[4.0], [5.0], [6.0]]))   # wraps around
+    assert queue.flatten().tolist() == [6, 2, 3, 4, 5] and int(pointer) == 1
+    enqueue_(queue, pointer, torch.arange(10.0, 17.0)[:, None])    # more than fits: the last 5
+    assert queue.flatten().tolist() == [16, 12, 13, 14, 15] and int(pointer) == 1
+
+
+def test_ressl_enqueues_normalised_teacher_embeddings():
+    config = tiny("ressl")
+    torch.manual_seed(0)
+    model = build_model(config, 1)
+    start = model.queue.clone()
+    weak, strong = torch.randn(1, 8, 1, 12, 12), torch.randn(1, 8, 1, 12, 12)
+    loss, parts, feats = model([weak, strong])
+    assert feats.shape == (8, model.backbone.feature_dim) and math.isfinite(float(parts["kl"]))
+    with torch.no_grad():
+        teacher = F.normalize(model.target_projector(model.target_backbone(weak[0])), dim=-1)
+    torch.testing.assert_close(model.queue[:8], teacher, rtol=0, atol=1e-5)
+    assert torch.equal(model.queue[8:], start[8:]) and int(model.queue_pointer) == 8
+    with pytest.raises(ValueError, match="two view groups"):
+        model([torch.randn(2, 8, 1, 12, 12)])
+
+
+def test_swav_queue_fills_then_joins_sinkhorn():
+    config = tiny("swav", None, "method.queue_size=16")
+    torch.manual_seed(0)
+    model = build_model(config, 1).eval()
+    views = [torch.randn(2, 8, 1, 12, 12)]
+    model(views)
+    assert int(model.queue_count) == 8 and model.queue[:, 8:].abs().sum() == 0   # newest first
+    z_first = model.queue[:, :8].clone()
+    model(views)
+    assert torch.equal(model.queue[:, 8:], z_first) and int(model.queue_count) == 16
+    # Now full: the codes of the same batch change because the queue joins the Sinkhorn problem.
+    scores = torch.randn(8, config.method["prototypes"])
+    with_queue = model._codes(0, scores)
+    model.queue_count.zero_()
+    without = model._codes(0, scores)
+    assert not torch.allclose(with_queue, without)
+    torch.testing.assert_close(with_queue.sum(1), torch.ones(8))
+
+
+def test_swav_prototypes_frozen_then_trained_and_kept_normalised(tmp_path):
+    root = make_blobs(tmp_path / "blobs")
+    config = tiny("swav", tmp_path, f"data.root={root}", "method.freeze_prototypes_steps=3", "train.max_steps=6",
+                  "train.checkpoint_every=1", "train.keep_checkpoints=10", "optim.name=sgd", "optim.lr=0.5")
+    train(config, progress_bar=False)
+    weights = [load_checkpoint(p)["model"]["prototypes.weight"] for p in checkpoint_paths(config.run_dir)]
+    assert len(weights) == 6
+    assert torch.equal(weights[0], weights[1]) and torch.equal(weights[1], weights[2])  # steps 1-3: frozen
+    assert not torch.equal(weights[2], weights[3]) and not torch.equal(weights[4], weights[5])
+    for w in weights:
+        torch.testing.assert_close(w.norm(dim=1), torch.ones(w.shape[0]))
+
+
+def test_swav_multicrop_sizes_go_through_the_backbone_separately():
+    config = load_config("swav/fashion_mnist_multicrop", [*SMALL, *TINY_HEADS["swav"]])
+    torch.manual_seed(0)
+    model = build_model(config, 1)
+    loss, parts, feats = model([torch.randn(2, 4, 1, 28, 28), torch.randn(4, 4, 1, 14, 14)])
+    assert feats.shape == (24, model.backbone.feature_dim) and math.isfinite(loss.item())
+    with pytest.raises(ValueError, match="at least code_views"):
+        build_model(load_config("swav/fashion_mnist_1epoch", [*SMALL, *TINY_HEADS["swav"], "method.code_views=3"]),
+                    1)([torch.randn(2, 4, 1, 12, 12)])
+
+
+# ------------------------------------------------------------------------------------------ view groups
+
+
+def test_view_groups_inherit_the_section_and_override_it():
+    config = load_config("byol/fashion_mnist_1epoch", ["views.size=20"])
+    groups = view_groups(config.views)
+    assert [g[0] for g in groups] == ["simclr_fashion_mnist"] * 2
+    assert [(k["size"], k["blur_p"], k["solarize_p"]) for _, k in groups] == [(20, 1.0, 0.0), (20, 0.1, 0.2)]
+    specs = view_specs_for(config, [0.5], [0.25])
+    assert [(s.count, s.size, s.blur_p, s.solarize_p, s.mean) for s in specs] == [
+        (1, 20, 1.0, 0.0, (0.5,)), (1, 20, 0.1, 0.2, (0.5,))]
+    assert specs[0].blur_sigma == (0.1, 1.0)   # the section's key reaches every group
+    views = make_view_groups(torch.zeros(3, 28, 28, 1, dtype=torch.uint8), specs, torch.Generator().manual_seed(0),
+                             channels_last=True)
+    assert [tuple(v.shape) for v in views] == [(1, 3, 1, 20, 20)] * 2
+    with pytest.raises(ConfigError, match="unknown ViewSpec key 'blur_pp'.*did you mean 'blur_p'"):
+        load_config("byol/fashion_mnist_1epoch", ["views.groups=[{count: 1, blur_pp: 1.0}]"])
+    with pytest.raises(ConfigError, match="views.groups must be a non-empty list"):
+        load_config("byol/fashion_mnist_1epoch", ["views.groups=[]"])
+    with pytest.raises(ConfigError, match="views.groups must be a non-empty list"):
+        load_config("byol/fashion_mnist_1epoch", ["views.groups=3"])
+
+
+def test_stack_views_refuses_mixed_sizes():
+    assert stack_views([torch.zeros(1, 2, 1, 4, 4), torch.zeros(2, 2, 1, 4, 4)]).shape == (3, 2, 1, 4, 4)
+    with pytest.raises(ValueError, match="differ in batch or view size"):
+        stack_views([torch.zeros(1, 2, 1, 4, 4), torch.zeros(1, 2, 1, 5, 5)])
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("name", ["byol", "ressl", "swav"])
+def test_resume_restores_targets_queues_and_prototypes_exactly(tmp_path, name):
+    root = make_blobs(tmp_path / "blobs")
+    common = [f"data.root={root}", "train.epochs=2", "train.checkpoint_every=3"]
+    full = tiny(name, tmp_path, *common, "name=full")
+    train(full, progress_bar=False)
+    tiny_part = tiny(name, tmp_path, *common, "name=part", "train.max_steps=7")
+    train(tiny_part, progress_bar=False)
+    train(tiny(name, tmp_path, *common, "name=part"), resume=True, progress_bar=False)
+    a = load_checkpoint(checkpoint_paths(full.run_dir)[-1])["model"]
+    b = load_checkpoint(checkpoint_paths(tiny_part.run_dir)[-1])["model"]
+    stateful = [k for k in a if k.startswith(("target_", "queue", "prototypes"))]
+    assert stateful
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
