@@ -74,7 +74,7 @@ def test_prepare_then_views_grid(tmp_path, capsys):
     with Image.open(png) as im:
         assert im.format == "PNG" and im.mode == "RGB"
         # rows: 3 cells of 16*4 px + gaps; columns: original + 4 views
-        assert im.size == (5 * (64 + 2) + 4, 3 * (64 + 2) + 2)
+        assert im.size == (5 * (64 + 2) + 2, 3 * (64 + 2) + 2)
 
 
 def test_force_rebuilds_a_prepared_dataset(tmp_path, capsys):

@@ -3,11 +3,14 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from test_train import blobs, tiny_config  # noqa: F401  (fixture)
 
 from onepoch.cli import main
+from onepoch.errors import ConfigError
 from onepoch.eval import embed_split, grid_patches
+from onepoch.runconfig import load_config
 from onepoch.train import build_model, train, view_spec_for
 
 
@@ -43,6 +46,15 @@ def test_embeddings_shapes_and_determinism(tmp_path, blobs):  # noqa: F811
     assert embed_split(model, images, "map2x2", **kw).shape == (64, 4 * width)
     crop = round(0.5 * 12)  # crop_scale 0.25 of a 12x12 image -> 6x6 crops at stride 3: 3x3 grid
     assert crop == 6 and embed_split(model, images, "grid", **kw).shape == (64, 9 * width)
+    # eval.layer: what bag and full read (auto: pre_feature for the bag, backbone for full).
+    projector_dim = int(config.method["projector"].split("-")[-1])
+    assert embed_split(model, images, "full", layer="projector", **kw).shape == (64, projector_dim)
+    assert embed_split(model, images, "bag", layer="backbone", **kw).shape == (64, width)
+    with pytest.raises(ConfigError, match="eval.layer 'pre_feature' does not exist in this model"):
+        simclr = build_model(load_config("simclr/fashion_mnist_1epoch", ["model.width=0.0625", "model.arch=resnet10"]), 1)
+        embed_split(simclr, images, "full", layer="pre_feature", **kw)
+    with pytest.raises(ConfigError, match="unknown eval.layer 'projektor'.*did you mean 'projector'"):
+        tiny_config(tmp_path, blobs, "eval.layer=projektor")
     # Batching does not change the result.
     a = embed_split(model, images, "map2x2", **kw)
     b = embed_split(model, images, "map2x2", **{**kw, "batch_size": 7})
@@ -70,7 +82,7 @@ def test_onepoch_eval_writes_eval_json(tmp_path, blobs, capsys):  # noqa: F811
 def test_cli_train_errors_are_one_line(tmp_path, blobs, capsys):  # noqa: F811
     assert main(["train", "emp_ssl/fashion_mnist_demo", f"data.root={blobs}", "optim.lr=-0.1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "onepoch: error: optim.lr must be > 0, got -0.1"
+    assert err == "onepoch: error: optim.lr must be a finite number > 0, got -0.1"
     assert main(["train", "emp_ssl/fashion_mnist_demo", f"data.root={tmp_path / 'missing'}",
                  f"train.out={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()

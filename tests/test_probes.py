@@ -1,4 +1,4 @@
-"""Probes on in-memory features: stratified split, linear probe, weighted k-NN."""
+"""Probes on in-memory features: stratified split, linear probe, MLP probe, weighted k-NN (and its sweep)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from onepoch.probes import (
     knn_predict,
     knn_probe,
     linear_probe,
+    mlp_probe,
     stratified_split,
 )
 
 FAST = {"epochs": (2, 4), "weight_decays": (0.0, 1e-3), "batch_size": 64}
+MLP_FAST = {"hidden": (32,), "dropouts": (0.0, 0.5), "weight_decays": (0.0,), "epochs": (3, 6), "batch_size": 64}
 
 
 @pytest.fixture(autouse=True)
@@ -207,6 +209,156 @@ def test_linear_probe_errors():
 
 
 # --------------------------------------------------------------------------------------------------
+# MLP probe
+
+
+def xor_points(n: int, seed: int, noise_dims: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian points, label = whether ``x0`` and ``x1`` have different signs (quadrant parity), plus
+    ``noise_dims`` irrelevant dimensions: no linear classifier does better than chance."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2 + noise_dims, generator=g)
+    return x, ((x[:, 0] > 0) != (x[:, 1] > 0)).long()
+
+
+def test_mlp_probe_separable_blobs():
+    xtr, ytr, xte, yte = blobs()
+    r = mlp_probe(xtr, ytr, xte, yte, **MLP_FAST)
+    assert isinstance(r, ProbeResult) and r.name == "mlp"
+    assert r.test_acc >= 0.98 and r.val_acc >= 0.98
+    assert len(r.grid) == 4 and {(g["hidden"], g["dropout"], g["weight_decay"], g["epochs"]) for g in r.grid} == {
+        (32, 0.0, 0.0, 3), (32, 0.5, 0.0, 3), (32, 0.0, 0.0, 6), (32, 0.5, 0.0, 6)}
+    assert set(r.chosen) == {"hidden", "dropout", "weight_decay", "epochs", "lr"} and r.chosen["lr"] == 1e-3
+    best = max(g["val_acc"] for g in r.grid)
+    assert r.val_acc == best
+    assert any(all(g[k] == r.chosen[k] for k in ("hidden", "dropout", "weight_decay", "epochs"))
+               and g["val_acc"] == best for g in r.grid)
+    half = mlp_probe(xtr.half(), ytr, xte.bfloat16(), yte, **MLP_FAST)
+    assert half.test_acc >= 0.98
+
+
+def test_mlp_probe_noise_labels_at_chance():
+    g = torch.Generator().manual_seed(1)
+    xtr, xte = torch.randn(600, 8, generator=g), torch.randn(2000, 8, generator=g)
+    ytr, yte = torch.randint(0, 4, (600,), generator=g), torch.randint(0, 4, (2000,), generator=g)
+    r = mlp_probe(xtr, ytr, xte, yte, **MLP_FAST)
+    assert abs(r.test_acc - 0.25) < 0.05  # sd of the accuracy is 0.01
+    assert r.val_acc < 0.6
+
+
+def test_mlp_probe_beats_linear_on_xor():
+    xtr, ytr = xor_points(800, seed=0)
+    xte, yte = xor_points(1000, seed=1)
+    linear = linear_probe(xtr, ytr, xte, yte, **FAST)
+    mlp = mlp_probe(xtr, ytr, xte, yte, hidden=(32,), dropouts=(0.0,), epochs=(10,), lr=1e-2, batch_size=64)
+    assert 0.4 < linear.test_acc < 0.62
+    assert mlp.test_acc > 0.9 and mlp.val_acc > 0.85
+
+
+def test_mlp_probe_deterministic_and_leaves_global_rng_alone():
+    xtr, ytr, xte, yte = blobs(spread=0.7)  # overlapping: accuracies are not all 1
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = mlp_probe(xtr, ytr, xte, yte, seed=5, **MLP_FAST)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = mlp_probe(xtr, ytr, xte, yte, seed=5, **MLP_FAST)
+    assert a == b
+    assert 0.4 < a.test_acc < 1.0
+    c = mlp_probe(xtr, ytr, xte, yte, seed=6, **MLP_FAST)
+    assert [g["val_acc"] for g in c.grid] != [g["val_acc"] for g in a.grid]
+
+
+def test_mlp_probe_chooses_best_val_setting_and_retrains_with_it():
+    xtr, ytr, xte, yte = blobs(spread=0.7)
+    grid = {"hidden": (8, 32), "dropouts": (0.0, 0.5), "weight_decays": (0.0, 1e-2), "epochs": (1, 4)}
+    r = mlp_probe(xtr, ytr, xte, yte, batch_size=64, **grid)
+    assert len(r.grid) == 16 and len({g["val_acc"] for g in r.grid}) > 2
+    best = min(r.grid, key=lambda g: (-g["val_acc"], g["epochs"], g["hidden"], -g["weight_decay"], -g["dropout"]))
+    assert r.chosen == {k: best[k] for k in ("hidden", "dropout", "weight_decay", "epochs")} | {"lr": 1e-3}
+    assert r.val_acc == best["val_acc"] == max(g["val_acc"] for g in r.grid)
+    # every setting is trained from the same seeded start, whatever else the grid holds
+    only = mlp_probe(xtr, ytr, xte, yte, batch_size=64, hidden=best["hidden"], dropouts=best["dropout"],
+                     weight_decays=best["weight_decay"], epochs=best["epochs"])
+    assert only.grid == [best]
+    # the final probe is the chosen setting retrained on all of train, standardised with its statistics
+    mean, std = xtr.double().mean(0), xtr.double().std(0, unbiased=False)
+    z = ((xtr - mean.float()) / std.float())
+    final = probes._train_mlp(z, ytr, num_classes=4, hidden=best["hidden"], dropout=best["dropout"],
+                              weight_decay=best["weight_decay"], epochs=best["epochs"], lr=1e-3, batch_size=64, seed=0)
+    assert r.test_acc == accuracy(final.predict(xte, mean.float(), std.float()), yte)
+    assert 0.4 < r.test_acc < 1.0
+
+
+def test_mlp_probe_epoch_grid_is_checkpoints_of_one_run():
+    xtr, ytr, xte, yte = blobs(spread=0.7)
+    many = mlp_probe(xtr, ytr, xte, yte, hidden=(16,), dropouts=(0.5,), epochs=(1, 3, 5), batch_size=64)
+    one = mlp_probe(xtr, ytr, xte, yte, hidden=(16,), dropouts=(0.5,), epochs=(3,), batch_size=64)
+    assert next(g for g in many.grid if g["epochs"] == 3)["val_acc"] == one.val_acc  # same run, stopped early
+    assert len({g["val_acc"] for g in many.grid}) > 1
+
+
+def test_mlp_probe_selection_ignores_test_labels():
+    xtr, ytr, xte, yte = blobs()
+    base = mlp_probe(xtr, ytr, xte, yte, **MLP_FAST)
+    perm = torch.randperm(yte.shape[0], generator=torch.Generator().manual_seed(0))
+    shuffled = mlp_probe(xtr, ytr, xte, yte[perm], **MLP_FAST)
+    wrong = mlp_probe(xtr, ytr, xte, (yte + 1) % 4, **MLP_FAST)
+    for r in (shuffled, wrong):
+        assert (r.chosen, r.val_acc, r.grid) == (base.chosen, base.val_acc, base.grid)
+    assert base.test_acc >= 0.98 and wrong.test_acc <= 0.02 and shuffled.test_acc < 0.5
+
+
+def test_mlp_probe_reads_test_data_only_after_training(monkeypatch):
+    log: list = []
+    original = probes._train_mlp
+
+    def logged(*args, **kwargs):
+        log.append(("train", kwargs["dropout"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(probes, "_train_mlp", logged)
+    xtr, ytr, xte, yte = blobs()
+    r = mlp_probe(xtr, ytr, spy(xte, "test_x", log), spy(yte, "test_y", log), **MLP_FAST)
+    assert r.test_acc >= 0.98
+    trains = [i for i, (tag, _) in enumerate(log) if tag == "train"]
+    reads = [i for i, (tag, _) in enumerate(log) if tag in ("test_x", "test_y")]
+    assert len(trains) == 3  # two settings (dropout 0 and 0.5), then the final probe
+    assert any(log[i][0] == "test_y" for i in reads) and any(log[i][0] == "test_x" for i in reads)
+    assert min(reads) > max(trains), log
+
+
+def test_mlp_probe_errors():
+    xtr, ytr, xte, yte = blobs(n_train=40, n_test=10)
+    cases = [
+        ({"hidden": ()}, "empty grid"),
+        ({"dropouts": ()}, "empty grid"),
+        ({"weight_decays": ()}, "empty grid"),
+        ({"epochs": ()}, "empty grid"),
+        ({"hidden": (0,)}, "hidden widths must be >= 1"),
+        ({"hidden": (2.5,)}, "hidden widths must be integers"),
+        ({"dropouts": (0.0, 1.0)}, r"dropouts must be in \[0, 1\)"),
+        ({"epochs": (0, 5)}, "epoch counts must be >= 1"),
+        ({"weight_decays": (-1.0,)}, "weight decays must be finite and >= 0"),
+        ({"val_fraction": 0.0}, r"val_fraction must be in \(0, 1\)"),
+        ({"num_classes": 2}, "train_y has class id 3 but num_classes is 2"),
+        ({"batch_size": 1}, "batch_size must be >= 2"),
+        ({"lr": -1.0}, "lr must be > 0"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            mlp_probe(xtr, ytr, xte, yte, **kwargs)
+    with pytest.raises(ConfigError, match="train_y has 39 labels but the features have 40 rows"):
+        mlp_probe(xtr, ytr[:-1], xte, yte)
+    with pytest.raises(ConfigError, match="test_x has 5 features but train_x has 12"):
+        mlp_probe(xtr, ytr, xte[:, :5], yte)
+    with pytest.raises(ConfigError, match="test_y must be an integer tensor"):
+        mlp_probe(xtr, ytr, xte, yte.float())
+    with pytest.raises(ConfigError, match="validation split is empty"):
+        mlp_probe(xtr[:3], torch.tensor([0, 1, 2]), xte, yte)
+    with pytest.raises(ConfigError, match="at least 2 training rows"):
+        mlp_probe(xtr[:2], torch.tensor([0, 0]), xte, yte)
+
+
+# --------------------------------------------------------------------------------------------------
 # weighted k-NN
 
 
@@ -263,6 +415,84 @@ def test_knn_probe_blobs_and_no_leak_from_val():
     noise = knn_probe(x, y, x, y, k=5)
     assert noise.val_acc < 0.5
     assert noise.test_acc == 1.0  # test queries see the whole training set, their own copies included
+
+
+def overlapping_blobs():
+    """Blobs that overlap enough for k and T to matter (10 classes, val split of 60 rows)."""
+    return blobs(n_train=600, n_test=300, classes=10, dim=8, spread=0.9, seed=4)
+
+
+def test_knn_probe_sweep_picks_best_pair():
+    xtr, ytr, xte, yte = overlapping_blobs()
+    ks, temps = (1, 5, 25), (0.02, 0.5)
+    r = knn_probe(xtr, ytr, xte, yte, k=ks, temperature=temps, chunk=100)
+    assert r.name == "knn"
+    assert [(g["k"], g["temperature"]) for g in r.grid] == [(k, t) for k in ks for t in temps]
+    singles = {(k, t): knn_probe(xtr, ytr, xte, yte, k=k, temperature=t, chunk=100) for k in ks for t in temps}
+    for g in r.grid:  # each pair scored as the single-value probe scores it
+        assert g["val_acc"] == singles[g["k"], g["temperature"]].val_acc
+    assert len({g["val_acc"] for g in r.grid}) > 2
+    best = min(singles, key=lambda kt: (-singles[kt].val_acc, kt[0], -kt[1]))
+    assert r.chosen == {"k": best[0], "temperature": best[1]}
+    assert r.val_acc == max(g["val_acc"] for g in r.grid) == singles[best].val_acc
+    assert r.test_acc == singles[best].test_acc
+
+
+def test_knn_probe_single_value_is_the_plain_probe():
+    xtr, ytr, xte, yte = overlapping_blobs()
+    r = knn_probe(xtr, ytr, xte, yte, k=7, temperature=0.1, seed=3)
+    # reference: val rows classified from the train part only, test rows from the whole training set
+    tr, va = stratified_split(ytr, 0.1, seed=3)
+    val = accuracy(knn_predict(xtr[tr], ytr[tr], xtr[va], k=7, temperature=0.1), ytr[va])
+    test = accuracy(knn_predict(xtr, ytr, xte, k=7, temperature=0.1), yte)
+    assert (r.val_acc, r.test_acc) == (val, test)
+    assert r.chosen == {"k": 7, "temperature": 0.1} and r.grid == [{"k": 7, "temperature": 0.1, "val_acc": val}]
+    assert knn_probe(xtr, ytr, xte, yte, k=[7], temperature=(0.1,), seed=3) == r
+    assert 0.3 < r.test_acc < 0.95
+
+
+def test_knn_sweep_selection_ignores_test_labels(monkeypatch):
+    xtr, ytr, xte, yte = overlapping_blobs()
+    sweep = {"k": (1, 10, 30), "temperature": (0.05, 0.2)}
+    base = knn_probe(xtr, ytr, xte, yte, **sweep)
+    perm = torch.randperm(yte.shape[0], generator=torch.Generator().manual_seed(0))
+    shuffled = knn_probe(xtr, ytr, xte, yte[perm], **sweep)
+    wrong = knn_probe(xtr, ytr, xte, (yte + 1) % 10, **sweep)
+    for r in (shuffled, wrong):
+        assert (r.chosen, r.val_acc, r.grid) == (base.chosen, base.val_acc, base.grid)
+    assert len({base.test_acc, shuffled.test_acc, wrong.test_acc}) == 3
+    # test data is read only after the validation sweep is done, by one single-pair query
+    log: list = []
+    original = probes._knn_from_bank
+
+    def logged(*args, **kwargs):
+        out = original(*args, **kwargs)
+        log.append(("knn", len(kwargs["pairs"])))
+        return out
+
+    monkeypatch.setattr(probes, "_knn_from_bank", logged)
+    r = knn_probe(xtr, ytr, spy(xte, "test_x", log), spy(yte, "test_y", log), **sweep)
+    assert r.test_acc == base.test_acc
+    calls = [i for i, (tag, _) in enumerate(log) if tag == "knn"]
+    reads = [i for i, (tag, _) in enumerate(log) if tag in ("test_x", "test_y")]
+    assert [log[i][1] for i in calls] == [6, 1]
+    assert any(log[i][0] == "test_y" for i in reads) and any(log[i][0] == "test_x" for i in reads)
+    assert min(reads) > calls[0], log
+
+
+def test_knn_sweep_errors():
+    x, y = torch.randn(20, 3), torch.arange(20) % 2
+    cases = [
+        ({"k": ()}, "empty grid"),
+        ({"temperature": []}, "empty grid"),
+        ({"k": (5, 0)}, "k must be >= 1, got 0"),
+        ({"k": 2.5}, "k must be an integer"),
+        ({"temperature": (0.1, -1.0)}, "temperature must be > 0"),
+        ({"temperature": "0.1"}, "temperature must be a number or a sequence"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ConfigError, match=match):
+            knn_probe(x, y, x, y, **kwargs)
 
 
 def test_knn_errors():

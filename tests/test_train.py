@@ -1,12 +1,8 @@
-"""The trainer: config checks, checkpoints, resume (in-process and after SIGKILL), NaN guard."""
+"""The trainer: config checks, checkpoints, in-process resume, NaN guard (SIGKILL resume: test_reliability.py)."""
 
 import json
 import os
 import pickle
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +57,9 @@ def test_config_errors_name_the_key(tmp_path, blobs):
         tiny_config(tmp_path, blobs, "method.name=emp_sl")
     with pytest.raises(ConfigError, match="count"):
         tiny_config(tmp_path, blobs, "views.count=0")
-    with pytest.raises(ConfigError, match="optim.lr must be > 0"):
+    with pytest.raises(ConfigError, match="optim.lr must be a finite number > 0"):
         tiny_config(tmp_path, blobs, "optim.lr=-1")
-    with pytest.raises(ConfigError, match="train.epochs: expected an integer"):
+    with pytest.raises(ConfigError, match="train.epochs: expected a number"):
         tiny_config(tmp_path, blobs, "train.epochs=one")
     with pytest.raises(ConfigError, match="recipe 'emp_ssl/cifar10_1epok' not found.*did you mean"):
         load_config("emp_ssl/cifar10_1epok")
@@ -110,6 +106,15 @@ def test_train_writes_run_dir_and_resume_continues_exactly(tmp_path, blobs):
     assert resumed.online_probe_test_acc == full.online_probe_test_acc
     steps = [json.loads(x)["step"] for x in (config2.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
+
+
+def test_fractional_epochs_run_their_share_of_steps(tmp_path, blobs):
+    config = tiny_config(tmp_path, blobs, "train.epochs=1.5")   # 8 steps per epoch
+    result = train(config, progress_bar=False)
+    assert result.steps == 12 and load_checkpoint(checkpoint_paths(config.run_dir)[-1])["total_steps"] == 12
+    assert tiny_config(tmp_path, blobs, "train.epochs=2.0").train.epochs == 2   # whole numbers stay integers
+    with pytest.raises(ConfigError, match="train.epochs must be > 0"):
+        tiny_config(tmp_path, blobs, "train.epochs=0")
 
 
 def test_online_probe_learns_the_labels(tmp_path, blobs):
@@ -180,35 +185,5 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path, blobs):
     state = load_checkpoint(path)
     state["model"] = {k: v[:1] if v.ndim else v for k, v in state["model"].items()}
     torch.save(state, path)
-    with pytest.raises(TrainingError, match="does not fit this model"):
+    with pytest.raises(ConfigError, match="does not fit this model"):
         train(tiny_config(tmp_path, blobs, "train.max_steps=6"), resume=True, progress_bar=False)
-
-
-def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, blobs):
-    """SIGKILL a real training process after its first checkpoint; --resume ends where a clean run ends."""
-    args = [*TINY, f"data.root={blobs}", f"train.out={tmp_path / 'runs'}", "train.epochs=12",
-            "train.checkpoint_every=4"]
-    cmd = [sys.executable, "-m", "onepoch", "train", "emp_ssl/fashion_mnist_demo"]
-    env = {**os.environ, "ONEPOCH_PROGRESS": "0"}
-    run = tmp_path / "runs" / "killed"
-    proc = subprocess.Popen([*cmd, *args, "name=killed"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not checkpoint_paths(run) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = load_checkpoint(checkpoint_paths(run)[-1])["step"]
-    assert 4 <= killed_at < 96
-    done = subprocess.run([*cmd, *args, "name=killed", "--resume"], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    clean = subprocess.run([*cmd, *args, "name=clean"], env=env, capture_output=True, text=True)
-    assert clean.returncode == 0, clean.stderr
-    a = load_checkpoint(checkpoint_paths(run)[-1])
-    b = load_checkpoint(checkpoint_paths(tmp_path / "runs" / "clean")[-1])
-    assert a["step"] == b["step"] == 96
-    for key in b["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 97))

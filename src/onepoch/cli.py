@@ -59,39 +59,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def render_grid(originals, views, zoom: int, gap: int = 2):
-    """A uint8 (H, W, 3) picture: one row per image, its original then its views.
-
-    ``originals`` uint8 (n, H, W, C); ``views`` float (V, n, C, s, s) in [0, 1].
-    """
-    import numpy as np
-    from PIL import Image
-
-    n, v, c, s = views.shape[1], views.shape[0], views.shape[2], views.shape[3]
-    cell = s * zoom
-    canvas = np.full((n * (cell + gap) + gap, (v + 1) * (cell + gap) + 2 * gap, 3), 255, np.uint8)
-    for i in range(n):
-        y = gap + i * (cell + gap)
-        orig = Image.fromarray(originals[i].squeeze(-1) if c == 1 else originals[i])
-        orig = np.asarray(orig.resize((cell, cell), Image.BICUBIC).convert("RGB"))
-        canvas[y:y + cell, gap:gap + cell] = orig
-        for j in range(v):
-            tile = (views[j, i].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-            tile = np.repeat(np.repeat(tile, zoom, 0), zoom, 1)
-            x = 3 * gap + (j + 1) * (cell + gap)
-            canvas[y:y + cell, x:x + cell] = tile if c == 3 else np.repeat(tile, 3, 2)
-    return canvas
-
-
 def cmd_views(args: argparse.Namespace) -> int:
     import dataclasses
 
     import torch
-    from PIL import Image
 
-    from onepoch.atomic import atomic_open
     from onepoch.config import parse_override
     from onepoch.data.prepared import open_split
+    from onepoch.report import save_views_figure
     from onepoch.views import load_view_spec, make_views
 
     if args.images < 1 or args.views < 1:
@@ -107,11 +82,8 @@ def cmd_views(args: argparse.Namespace) -> int:
     views = make_views(images, spec, torch.Generator().manual_seed(args.seed))
     views = views.view(spec.count, n, channels, spec.size, spec.size)
     zoom = args.zoom or max(1, math.ceil(64 / spec.size))
-    grid = render_grid(split.images[:n], views, zoom)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(out, "wb") as f:
-        Image.fromarray(grid).save(f, format="PNG")
+    save_views_figure(out, split.images[:n], [views], scale=zoom)
     print(f"wrote {out}: {n} images x {spec.count} views of {spec.size}x{spec.size} "
           f"(spec {spec_name}{', ' + ' '.join(args.overrides) if args.overrides else ''})")
     return 0
@@ -162,6 +134,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = [(kind, entry) for kind, entry in report["results"].items()]
     print(format_table(rows, probes=tuple(report["eval_config"]["probes"])))
     print(f"wrote {Path(args.run_dir) / 'eval.json'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import shlex
+
+    from onepoch.compare import load_compare_config, run_compare
+
+    config = load_compare_config(args.recipe, args.overrides)
+    command = "onepoch compare " + " ".join(shlex.quote(a) for a in [args.recipe, *args.overrides])
+    run_compare(config, command=command)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from onepoch.report import write_report
+
+    write_report(args.run_dir, smooth=args.smooth)
     return 0
 
 
@@ -244,6 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bag-patches", type=int, help="patches averaged per image for the bag of features")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("compare", help="train and evaluate several methods x budgets x seeds; compare.md + plots",
+                       description="Run (or reuse, or resume) every cell of a comparison: each method of the "
+                       "recipe at each budget (epochs, patch passes or seconds) and seed, all evaluated with the "
+                       "same probes; then write compare.md, compare.json and PNG plots into <out>/<name>. "
+                       "Run it again after an interruption: finished cells are reused.")
+    p.add_argument("recipe", metavar="RECIPE", help="a compare recipe: a YAML path or a shipped name "
+                   "(compare/fashion_mnist_1epoch, compare/cifar10)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="e.g. data.root=data/fashion-mnist budgets=[1,3] seeds=[0,1] out=runs")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="report.md and figures for a run directory",
+                       description="Write report.md into a run directory, with training curves, example views "
+                       "and a 2-D PCA map of the test features coloured by class (PNG files).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds config.yaml and metrics.jsonl)")
+    p.add_argument("--smooth", type=int, default=20, help="steps in the moving average of noisy curves (default 20)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("demo", help="EMP-SSL for one epoch on Fashion-MNIST (CPU), evaluated against baselines",
                        description="Prepare Fashion-MNIST, train EMP-SSL for one epoch with the CPU-sized "
                        "recipe, then print linear-probe and k-NN accuracy next to a raw-pixel logistic "
@@ -270,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"onepoch: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:  # the system refused (disk full, permission denied): the files written are intact
+        if args.debug:
+            traceback.print_exc()
+        where = f": {e.filename}" if e.filename else ""
+        print(f"onepoch: error: {e.strerror or one_line(e)}{where} (--debug shows the traceback)", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("onepoch: interrupted", file=sys.stderr)

@@ -12,8 +12,11 @@ Feature kinds (``eval.features``):
   of half of it, resized like the training patches and concatenated in grid order (keeps the
   layout that averaging throws away; deterministic).
 
-Probes (``eval.probes``): ``linear`` (hyper-parameters chosen on a validation split carved from the
-training set, test accuracy reported once at that choice) and ``knn`` (weighted k-NN, cosine).
+Probes (``eval.probes``), all with their hyper-parameters chosen on a validation split carved from the
+training set and the test accuracy reported once at that choice: ``linear`` (softmax regression),
+``mlp`` (one hidden layer with BatchNorm and dropout: the non-linear probe) and ``knn`` (weighted
+k-NN, cosine, with a sweep over k and the temperature). ``eval.layer`` picks what ``bag`` and ``full``
+read: the backbone output, EMP-SSL's ``pre_feature`` or the projector output.
 """
 
 from __future__ import annotations
@@ -32,15 +35,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from onepoch.atomic import atomic_write_text
-from onepoch.probes import knn_probe, linear_probe
+from onepoch.probes import knn_probe, linear_probe, mlp_probe
 from onepoch.runconfig import RunConfig
 
-__all__ = ["embed_split", "evaluate_model", "evaluate_run", "grid_patches", "knn_probe", "linear_probe"]
+__all__ = ["embed_split", "evaluate_model", "evaluate_run", "grid_patches", "knn_probe", "linear_probe", "mlp_probe"]
 
 
-def representation_layer(model: nn.Module) -> str:
-    """The layer a bag of features averages: ``pre_feature`` when the method has one, else ``backbone``."""
-    return "pre_feature" if hasattr(model, "pre_feature") else "backbone"
+def representation_layer(model: nn.Module, layer: str = "auto") -> str:
+    """The layer ``bag`` and ``full`` features read: ``layer``, or for ``auto`` the layer a bag of
+    features averages (``pre_feature`` when the method has one, else ``backbone``)."""
+    if layer == "auto":
+        return "pre_feature" if hasattr(model, "pre_feature") else "backbone"
+    return layer
 
 
 def _normalise(images_u8: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -77,15 +83,25 @@ def grid_patches(images_u8: torch.Tensor, crop: int, out_size: int, mean: list[f
 
 @torch.no_grad()
 def embed_split(model: nn.Module, images, kind: str, *, spec, batch_size: int, device: torch.device,
-                seed: int, amp: bool = False, channels_last: bool = False, progress_desc: str = "") -> torch.Tensor:
+                seed: int, amp: bool = False, channels_last: bool = False, progress_desc: str = "",
+                layer: str = "auto") -> torch.Tensor:
     """Features of every image of ``images`` (uint8 NHWC array or tensor) for feature ``kind``;
-    float32, on ``device``. ``channels_last``: feed the model NHWC-strided tensors (faster on CPU and
-    CUDA when the model is channels_last too)."""
+    float32, on ``device``. ``layer`` (see :func:`representation_layer`) is what ``bag`` averages and
+    ``full`` reads (``auto``: the backbone for ``full``); ``map2x2`` and ``grid`` read the backbone.
+    ``channels_last``: feed the model NHWC-strided tensors (faster on CPU and CUDA when the model is
+    channels_last too)."""
     from onepoch.progress import progress
     from onepoch.views import make_views
 
     model.eval()
-    layer = representation_layer(model)
+    bag_layer = representation_layer(model, layer)
+    full_layer = "backbone" if layer == "auto" else layer
+    available = getattr(model, "feature_layers", ("backbone",))
+    for wanted in {bag_layer, full_layer} if kind in ("bag", "full") else ():
+        if wanted not in available:
+            from onepoch.errors import ConfigError
+
+            raise ConfigError(f"eval.layer {wanted!r} does not exist in this model; it has: {', '.join(available)}")
     generator = torch.Generator().manual_seed(seed)
     crop = max(1, round(math.sqrt(spec.crop_scale[1]) * min(images.shape[1], images.shape[2])))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -101,9 +117,9 @@ def embed_split(model: nn.Module, images, kind: str, *, spec, batch_size: int, d
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             if kind == "bag":
                 views = make_views(batch, spec, generator, channels_last=channels_last)
-                f = model.features(views)[layer].float().view(spec.count, batch.shape[0], -1).mean(0)
+                f = model.features(views)[bag_layer].float().view(spec.count, batch.shape[0], -1).mean(0)
             elif kind == "full":
-                f = model.features(net_input(_normalise(batch, spec.mean, spec.std)))["backbone"].float()
+                f = model.features(net_input(_normalise(batch, spec.mean, spec.std)))[full_layer].float()
             elif kind == "map2x2":
                 fmap = model.backbone.forward_map(net_input(_normalise(batch, spec.mean, spec.std)))
                 f = F.adaptive_avg_pool2d(fmap.float(), 2).flatten(1)
@@ -144,6 +160,10 @@ def evaluate_model(model: nn.Module, config: RunConfig, *, device: torch.device,
             if probe == "linear":
                 r = linear_probe(ftr, ytr, fte, yte, num_classes=num_classes, val_fraction=ec.val_fraction,
                                  weight_decays=ec.linear_weight_decays, epochs=ec.linear_epochs, seed=ec.seed)
+            elif probe == "mlp":
+                r = mlp_probe(ftr, ytr, fte, yte, num_classes=num_classes, val_fraction=ec.val_fraction,
+                              hidden=ec.mlp_hidden, dropouts=ec.mlp_dropouts, weight_decays=ec.mlp_weight_decays,
+                              epochs=ec.mlp_epochs, seed=ec.seed)
             else:
                 r = knn_probe(ftr, ytr, fte, yte, k=ec.knn_k, temperature=ec.knn_temperature,
                               num_classes=num_classes, val_fraction=ec.val_fraction, seed=ec.seed)
@@ -163,9 +183,11 @@ def evaluate_model(model: nn.Module, config: RunConfig, *, device: torch.device,
         t0 = time.perf_counter()
         spec_k = spec if kind != "bag" else _with_count(spec, ec.bag_patches)
         ftr = embed_split(model, train_split.images, kind, spec=spec_k, batch_size=ec.batch_size, device=device,
-                          seed=ec.seed, amp=amp, channels_last=channels_last, progress_desc=f"embed train ({kind})")
+                          seed=ec.seed, amp=amp, channels_last=channels_last, progress_desc=f"embed train ({kind})",
+                          layer=ec.layer)
         fte = embed_split(model, test_split.images, kind, spec=spec_k, batch_size=ec.batch_size, device=device,
-                          seed=ec.seed + 1, amp=amp, channels_last=channels_last, progress_desc=f"embed test ({kind})")
+                          seed=ec.seed + 1, amp=amp, channels_last=channels_last, progress_desc=f"embed test ({kind})",
+                          layer=ec.layer)
         embed_s = time.perf_counter() - t0
         results[kind] = run_probes(kind, ftr, fte, ec.probes)
         results[kind]["embed_seconds"] = embed_s
@@ -200,6 +222,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, overrides: dict[str, Any] | None
         build_model,
         latest_checkpoint,
         load_checkpoint,
+        load_model_state,
         pick_device,
         read_run_config,
         view_spec_for,
@@ -218,7 +241,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, overrides: dict[str, Any] | None
     train_split, test_split = open_eval_splits(config)
     state = load_checkpoint(ckpt)
     model = build_model(config, train_split.shape[-1])
-    model.load_state_dict(state["model"])
+    load_model_state(model, state, ckpt)
     model.to(device)
     spec = view_spec_for(config, train_split.mean, train_split.std)
     log(f"evaluating {run_dir} at step {state['step']} on {device}")
@@ -230,8 +253,11 @@ def evaluate_run(run_dir: str | os.PathLike, *, overrides: dict[str, Any] | None
     return report
 
 
-def format_table(rows: list[tuple[str, dict[str, Any]]], probes=("linear", "knn")) -> str:
-    """A plain-text table: one row per (label, results-of-one-feature-kind)."""
+def format_table(rows: list[tuple[str, dict[str, Any]]], probes=None) -> str:
+    """A plain-text table: one row per (label, results-of-one-feature-kind); columns: ``probes``
+    (default: those present, in the order linear, mlp, knn)."""
+    if probes is None:
+        probes = [p for p in ("linear", "mlp", "knn") if any(p in entry for _, entry in rows)]
     head = f"{'':<34}" + "".join(f"{p + ' %':>10}" for p in probes)
     lines = [head]
     for label, entry in rows:

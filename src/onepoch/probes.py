@@ -1,14 +1,18 @@
-"""Evaluation probes on frozen features already in memory: a linear probe and a weighted k-NN.
+"""Evaluation probes on frozen features already in memory: linear, MLP and weighted k-NN.
 
-Both take ``(train_x, train_y, test_x, test_y)``: ``x`` is ``(N, D)`` floating (float16, bfloat16 or
+All take ``(train_x, train_y, test_x, test_y)``: ``x`` is ``(N, D)`` floating (float16, bfloat16 or
 float32; work is done in float32, batch by batch), ``y`` is ``(N,)`` integer class ids in
 ``[0, num_classes)``. Hyper-parameters are chosen on a stratified validation split of the training
 set; the test set is touched once, at the very end (``test_x`` and ``test_y`` are read only there).
 
 * :func:`linear_probe`: softmax regression on standardised features, trained with a seeded Adam;
   weight decay and epoch count chosen on validation, then retrained on the whole training set.
+* :func:`mlp_probe`: the non-linear probe of FFCV-SSL, ``Linear -> BatchNorm1d -> ReLU -> Dropout ->
+  Linear`` on standardised features, trained with Adam; hidden width, dropout, weight decay and epoch
+  count chosen on validation, then retrained on the whole training set.
 * :func:`knn_probe` / :func:`knn_predict`: the weighted k-NN classifier of Wu et al. 2018
-  (InstDisc): cosine similarity, top-k neighbours, weights ``exp(sim / T)``.
+  (InstDisc): cosine similarity, top-k neighbours, weights ``exp(sim / T)``; :func:`knn_probe` may
+  sweep several ``k`` and ``T``, chosen on validation.
 
 Everything random comes from explicit ``torch.Generator`` objects seeded with ``seed``; the global
 RNG is never used.
@@ -17,10 +21,13 @@ RNG is never used.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from onepoch.errors import ConfigError
 
@@ -30,6 +37,7 @@ __all__ = [
     "knn_predict",
     "knn_probe",
     "linear_probe",
+    "mlp_probe",
     "stratified_split",
 ]
 
@@ -348,6 +356,201 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 
 
 # --------------------------------------------------------------------------------------------------
+# MLP probe
+
+
+class _MLP(nn.Module):
+    """``Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear``, with explicit generators for randomness.
+
+    The linear layers start as PyTorch's default (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` for weights and
+    biases), drawn on the CPU from ``init_gen`` so the start is the same on every device; dropout masks
+    come from the generator passed to :meth:`forward`.
+    """
+
+    def __init__(self, dim: int, hidden: int, num_classes: int, dropout: float, init_gen: torch.Generator):
+        super().__init__()
+
+        def uniform(*shape: int, fan_in: int) -> nn.Parameter:
+            bound = 1.0 / math.sqrt(fan_in)
+            return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound, generator=init_gen))
+
+        self.w1, self.b1 = uniform(hidden, dim, fan_in=dim), uniform(hidden, fan_in=dim)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.w2, self.b2 = uniform(num_classes, hidden, fan_in=hidden), uniform(num_classes, fan_in=hidden)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        h = torch.relu(self.bn(F.linear(x, self.w1, self.b1)))
+        if self.training and self.dropout > 0:
+            keep = torch.rand(h.shape, generator=gen, device=h.device) >= self.dropout
+            h = h * keep.to(h.dtype).div_(1.0 - self.dropout)
+        return F.linear(h, self.w2, self.b2)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
+                device: torch.device | None = None) -> torch.Tensor:
+        """Argmax class of every row of ``x`` (standardised here with ``mean``/``std`` when given)."""
+        was_training = self.training
+        self.eval()
+        dev = device if device is not None else x.device
+        preds = []
+        for s in range(0, x.shape[0], _CHUNK):
+            c = x[s:s + _CHUNK].to(dev, torch.float32)
+            if mean is not None:
+                c = (c - mean) / std
+            preds.append(self(c).argmax(1))
+        self.train(was_training)
+        return torch.cat(preds)
+
+
+def _train_mlp(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, hidden: int, dropout: float,
+               weight_decay: float, epochs: int, lr: float, batch_size: int, seed: int,
+               checkpoints: Sequence[int] = (), on_checkpoint=None, bar=None) -> _MLP:
+    """Train an :class:`_MLP` on all rows of ``x`` for ``epochs`` epochs with Adam at a constant ``lr``;
+    ``on_checkpoint(epoch, model)`` after each epoch in ``checkpoints``; ``bar.update(1)`` per step.
+
+    Loss ``mean CE + weight_decay / 2 * (||W1||^2 + ||W2||^2)`` (biases and BatchNorm not decayed).
+    Each epoch visits the rows in a fresh order; a last minibatch of a single row is skipped
+    (BatchNorm needs two). Initial weights and row orders come from one CPU generator, dropout masks
+    from one on ``x.device``, both seeded with ``seed``: with a constant learning rate the model at
+    epoch ``e`` is exactly that of an ``e``-epoch run.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    model = _MLP(x.shape[1], hidden, num_classes, dropout, gen).to(x.device)
+    drop_gen = torch.Generator(device=x.device).manual_seed(int(seed))
+    decayed = [model.w1, model.w2]
+    others = [model.b1, model.b2, model.bn.weight, model.bn.bias]
+    opt = torch.optim.Adam([{"params": decayed, "weight_decay": weight_decay},
+                            {"params": others, "weight_decay": 0.0}], lr=lr)
+    n = x.shape[0]
+    model.train()
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(n, generator=gen).to(x.device)
+        for s in range(0, n, batch_size):
+            idx = order[s:s + batch_size]
+            if idx.shape[0] < 2:
+                continue
+            loss = F.cross_entropy(model(x.index_select(0, idx), drop_gen), y.index_select(0, idx))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if bar is not None:
+                bar.update(1)
+        if epoch in checkpoints and on_checkpoint is not None:
+            on_checkpoint(epoch, model)
+    model.eval()
+    return model
+
+
+def mlp_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
+              num_classes: int | None = None, val_fraction: float = 0.1, hidden: int | Sequence[int] = (512,),
+              dropouts: float | Sequence[float] = (0.0, 0.5), weight_decays: float | Sequence[float] = (0.0,),
+              epochs: int | Sequence[int] = (5, 10), lr: float = 1e-3, batch_size: int = 1024, seed: int = 0,
+              device: torch.device | str | None = None, progress: bool = False) -> ProbeResult:
+    """Non-linear probe (as in FFCV-SSL): ``Linear(D, h) -> BatchNorm1d -> ReLU -> Dropout(p) -> Linear(h, C)``
+    on standardised features ``z = (x - mean) / std``, trained with Adam.
+
+    ``hidden`` (widths of the one hidden layer), ``dropouts``, ``weight_decays`` and ``epochs`` are each a
+    value or a sequence of values; every combination is a setting.
+
+    1. ``stratified_split(train_y, val_fraction, seed)``; mean/std from the train part only.
+    2. One Adam run of ``max(epochs)`` epochs per (width, dropout, weight decay), constant ``lr``,
+       minibatches of ``batch_size`` (loss ``mean CE + wd / 2 * ||weights||^2``); validation accuracy
+       recorded after each epoch count in ``epochs``. Every run starts from the same seeded state.
+    3. Choose the best validation accuracy (ties: fewer epochs, then the narrower layer, then the larger
+       weight decay, then the larger dropout).
+    4. Train a fresh MLP on the whole training set (mean/std from all of it) with the chosen setting;
+       predict ``test_x`` and score against ``test_y`` -- both read only here.
+
+    Cost: ``len(hidden) * len(dropouts) * len(weight_decays) * max(epochs)`` epochs on the train part,
+    then ``chosen["epochs"]`` on all rows. Work is in float32 on ``device`` (default ``train_x.device``),
+    on one standardised copy of ``train_x``. Randomness comes from generators seeded with ``seed``; the
+    global RNG is neither used nor changed.
+    """
+    _check_probe_inputs(train_x, train_y, test_x, test_y)
+    _check_val_fraction(val_fraction)
+    widths = list(dict.fromkeys(_as_list(hidden, "hidden")))
+    try:
+        widths = [operator.index(h) for h in widths]
+    except TypeError:
+        raise ConfigError(f"hidden widths must be integers, got {widths}") from None
+    drops = [float(p) for p in dict.fromkeys(_as_list(dropouts, "dropouts"))]
+    wds = [float(w) for w in dict.fromkeys(_as_list(weight_decays, "weight_decays"))]
+    eps = sorted({int(e) for e in _as_list(epochs, "epochs")})
+    if not widths or not drops or not wds or not eps:
+        raise ConfigError("mlp_probe needs at least one hidden width, dropout, weight decay and epoch count "
+                          "(empty grid)")
+    if any(h < 1 for h in widths):
+        raise ConfigError(f"hidden widths must be >= 1, got {widths}")
+    if any(not 0.0 <= p < 1.0 for p in drops):
+        raise ConfigError(f"dropouts must be in [0, 1), got {drops}")
+    if any(not math.isfinite(w) or w < 0 for w in wds):
+        raise ConfigError(f"weight decays must be finite and >= 0, got {wds}")
+    if eps[0] < 1:
+        raise ConfigError(f"epoch counts must be >= 1, got {eps}")
+    if batch_size < 2:
+        raise ConfigError(f"batch_size must be >= 2 (BatchNorm), got {batch_size}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"lr must be > 0, got {lr}")
+    num_classes = _resolve_classes(train_y, num_classes)
+    dev = torch.device(device) if device is not None else train_x.device
+
+    y_cpu = train_y.detach().to("cpu", torch.int64)
+    tr, va = stratified_split(y_cpu, val_fraction, seed)
+    if va.shape[0] == 0:
+        raise ConfigError("the validation split is empty: every class has a single training sample")
+    if tr.shape[0] < 2:
+        raise ConfigError("mlp_probe needs at least 2 training rows outside the validation split")
+    x = torch.empty(train_x.shape, dtype=torch.float32, device=dev)
+
+    # selection: rows [train part | val part], statistics from the train part
+    order = torch.cat([tr, va])
+    _standardised_copy(train_x, order, tr.shape[0], x)
+    y = y_cpu[order].to(dev)
+    n_tr = tr.shape[0]
+    x_val, y_val = x[n_tr:], y[n_tr:]
+    settings = [(h, p, wd) for h in widths for p in drops for wd in wds]
+    grid: list[dict] = []
+    bar = None
+    if progress:
+        from onepoch.progress import progress as make_bar
+        bar = make_bar(total=len(settings) * eps[-1] * math.ceil(n_tr / batch_size), desc="mlp probe (selection)",
+                       unit="step")
+    try:
+        for h, p, wd in settings:
+            def record(epoch: int, model: _MLP, h=h, p=p, wd=wd) -> None:
+                acc = accuracy(model.predict(x_val), y_val)
+                grid.append({"hidden": h, "dropout": p, "weight_decay": wd, "epochs": epoch, "val_acc": acc})
+
+            _train_mlp(x[:n_tr], y[:n_tr], num_classes=num_classes, hidden=h, dropout=p, weight_decay=wd,
+                       epochs=eps[-1], lr=lr, batch_size=batch_size, seed=seed, checkpoints=eps,
+                       on_checkpoint=record, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    best = min(grid, key=lambda g: (-g["val_acc"], g["epochs"], g["hidden"], -g["weight_decay"], -g["dropout"]))
+    chosen = {k: best[k] for k in ("hidden", "dropout", "weight_decay", "epochs")} | {"lr": lr}
+
+    # final: all rows (in their original order; the training loop shuffles), statistics from all of them
+    mean, std = _standardised_copy(train_x, torch.arange(train_x.shape[0]), train_x.shape[0], x)
+    y = y_cpu.to(dev)
+    if progress:
+        bar = make_bar(total=best["epochs"] * math.ceil(x.shape[0] / batch_size), desc="mlp probe (final)",
+                       unit="step")
+    try:
+        model = _train_mlp(x, y, num_classes=num_classes, hidden=best["hidden"], dropout=best["dropout"],
+                           weight_decay=best["weight_decay"], epochs=best["epochs"], lr=lr, batch_size=batch_size,
+                           seed=seed, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    del x
+    pred = model.predict(test_x, mean, std, device=dev)
+    return ProbeResult(test_acc=accuracy(pred, test_y), val_acc=best["val_acc"], chosen=chosen, grid=grid,
+                       name="mlp")
+
+
+# --------------------------------------------------------------------------------------------------
 # weighted k-NN
 
 
@@ -361,24 +564,46 @@ def _l2_normalised(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return out
 
 
-def _check_knn_args(k: int, temperature: float, chunk: int) -> None:
+def _check_knn_args(k: int, temperature: float, chunk: int) -> int:
+    """``k`` as an ``int`` once it, ``temperature`` and ``chunk`` are checked."""
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise ConfigError(f"k must be an integer, got {k!r}") from None
     if k < 1:
         raise ConfigError(f"k must be >= 1, got {k}")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     if chunk < 1:
         raise ConfigError(f"chunk must be >= 1, got {chunk}")
+    return k
+
+
+def _as_list(value, what: str) -> list:
+    """``value`` as a list: a sequence (not a string) element by element, anything else as one element."""
+    if isinstance(value, (str, bytes)):
+        raise ConfigError(f"{what} must be a number or a sequence of numbers, got {value!r}")
+    if isinstance(value, torch.Tensor):
+        return value.flatten().tolist()
+    if isinstance(value, Sequence):
+        return list(value)
+    return [value]
 
 
 def _knn_from_bank(bank: torch.Tensor, bank_y: torch.Tensor, query: torch.Tensor, query_rows: torch.Tensor | None,
-                   *, k: int, temperature: float, num_classes: int, chunk: int,
+                   *, pairs: Sequence[tuple[int, float]], num_classes: int, chunk: int,
                    exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """Predicted labels for ``query`` (or the already normalised ``bank[query_rows]`` when ``query_rows``
-    is given) against the unit-norm ``bank``; the bank rows ``exclude`` are never neighbours."""
+    """Predicted labels ``(len(pairs), n_query)``, row ``p`` for the ``(k, temperature) = pairs[p]``, for
+    ``query`` (or the already normalised ``bank[query_rows]`` when ``query_rows`` is given) against the
+    unit-norm ``bank``; the bank rows ``exclude`` are never neighbours.
+
+    The top ``max(k)`` neighbours of each query chunk are found once; every pair reads its first ``k``.
+    """
     n_bank = bank.shape[0] - (0 if exclude is None else exclude.shape[0])
-    k = min(k, n_bank)
+    pairs = [(min(k, n_bank), t) for k, t in pairs]
+    k_max = max(k for k, _ in pairs)
     n_query = query_rows.shape[0] if query_rows is not None else query.shape[0]
-    preds = []
+    preds = torch.empty(len(pairs), n_query, dtype=torch.int64, device=bank.device)
     for s in range(0, n_query, chunk):
         if query_rows is not None:
             q = bank.index_select(0, query_rows[s:s + chunk])
@@ -388,15 +613,17 @@ def _knn_from_bank(bank: torch.Tensor, bank_y: torch.Tensor, query: torch.Tensor
         sim = q @ bank.t()
         if exclude is not None:
             sim.index_fill_(1, exclude, -math.inf)
-        top_sim, top_idx = sim.topk(k, dim=1)
-        # exp(sim / T) up to a per-query factor exp(max / T), which leaves the argmax unchanged
-        weight = ((top_sim - top_sim[:, :1]) / temperature).exp_()
-        scores = torch.zeros(q.shape[0], num_classes, device=bank.device)
-        scores.scatter_add_(1, bank_y[top_idx], weight)
-        preds.append(scores.argmax(1))
-    if not preds:
-        return torch.empty(0, dtype=torch.int64, device=bank.device)
-    return torch.cat(preds)
+        top_sim, top_idx = sim.topk(k_max, dim=1)  # sorted: the first k columns are the top k
+        del sim
+        top_y = bank_y[top_idx]
+        shifted = top_sim - top_sim[:, :1]
+        for p, (k, temperature) in enumerate(pairs):
+            # exp(sim / T) up to a per-query factor exp(max / T), which leaves the argmax unchanged
+            weight = (shifted[:, :k] / temperature).exp_()
+            scores = torch.zeros(q.shape[0], num_classes, device=bank.device)
+            scores.scatter_add_(1, top_y[:, :k], weight)
+            preds[p, s:s + chunk] = scores.argmax(1)
+    return preds
 
 
 def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Tensor, *, k: int = 20,
@@ -411,22 +638,36 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Ten
     _check_labels(train_y, "train_y", train_x.shape[0])
     if not isinstance(query_x, torch.Tensor) or query_x.dim() != 2 or query_x.shape[1] != train_x.shape[1]:
         raise ConfigError(f"query_x must be a 2-D tensor with {train_x.shape[1]} features, got {_describe(query_x)}")
-    _check_knn_args(k, temperature, chunk)
+    k = _check_knn_args(k, temperature, chunk)
     num_classes = _resolve_classes(train_y, num_classes)
     bank = _l2_normalised(train_x, train_x.device)
-    return _knn_from_bank(bank, train_y.to(bank.device, torch.int64), query_x, None, k=k,
-                          temperature=temperature, num_classes=num_classes, chunk=chunk)
+    return _knn_from_bank(bank, train_y.to(bank.device, torch.int64), query_x, None, pairs=[(k, temperature)],
+                          num_classes=num_classes, chunk=chunk)[0]
 
 
 def knn_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
-              k: int = 20, temperature: float = 0.07, num_classes: int | None = None, val_fraction: float = 0.1,
-              seed: int = 0, chunk: int = 1024) -> ProbeResult:
-    """Weighted k-NN probe (no selection): ``val_acc`` is the accuracy on ``stratified_split(train_y,
-    val_fraction, seed)``'s val part predicted from its train part; ``test_acc`` predicts ``test_x``
-    from the whole training set. ``chosen = {"k": k, "temperature": temperature}``.
+              k: int | Sequence[int] = 20, temperature: float | Sequence[float] = 0.07, num_classes: int | None = None,
+              val_fraction: float = 0.1, seed: int = 0, chunk: int = 1024) -> ProbeResult:
+    """Weighted k-NN probe, ``k`` and ``temperature`` each one value or a sequence of values to sweep.
+
+    1. Every pair ``(k, T)`` of the product ``k x temperature`` is scored on the val part of
+       ``stratified_split(train_y, val_fraction, seed)``: each val row is classified from the train part
+       only (its own and the other val rows are never neighbours). The top ``max(k)`` neighbours of a
+       query are found once and every pair is derived from them.
+    2. The best val accuracy wins (ties: the smaller ``k``, then the larger ``temperature``).
+    3. ``test_x`` is classified with that pair from the whole training set and scored against ``test_y``
+       -- both read only here.
+
+    ``chosen = {"k": k, "temperature": T}``; ``grid`` holds every pair (``k`` outer, ``temperature``
+    inner, duplicates dropped) with its ``val_acc``. With one value each this is the plain probe.
     """
     _check_probe_inputs(train_x, train_y, test_x, test_y)
-    _check_knn_args(k, temperature, chunk)
+    ks = list(dict.fromkeys(_check_knn_args(kk, 1.0, chunk) for kk in _as_list(k, "k")))
+    temps = list(dict.fromkeys(_as_list(temperature, "temperature")))
+    if not ks or not temps:
+        raise ConfigError("knn_probe needs at least one k and one temperature (empty grid)")
+    for t in temps:
+        _check_knn_args(1, t, chunk)
     _check_val_fraction(val_fraction)
     num_classes = _resolve_classes(train_y, num_classes)
     bank = _l2_normalised(train_x, train_x.device)
@@ -434,9 +675,13 @@ def knn_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor
     _, va = stratified_split(y, val_fraction, seed)
     if va.shape[0] == 0:
         raise ConfigError("the validation split is empty: every class has a single training sample")
-    args = {"k": k, "temperature": temperature, "num_classes": num_classes, "chunk": chunk}
-    val_acc = accuracy(_knn_from_bank(bank, y, bank, va, exclude=va, **args), y.index_select(0, va))
-    test_acc = accuracy(_knn_from_bank(bank, y, test_x, None, **args), test_y)
-    chosen = {"k": k, "temperature": temperature}
-    return ProbeResult(test_acc=test_acc, val_acc=val_acc, chosen=chosen, grid=[{**chosen, "val_acc": val_acc}],
+    pairs = [(kk, t) for kk in ks for t in temps]
+    val_pred = _knn_from_bank(bank, y, bank, va, exclude=va, pairs=pairs, num_classes=num_classes, chunk=chunk)
+    y_val = y.index_select(0, va)
+    grid = [{"k": kk, "temperature": t, "val_acc": accuracy(pred, y_val)} for (kk, t), pred in zip(pairs, val_pred)]
+    best = min(grid, key=lambda g: (-g["val_acc"], g["k"], -g["temperature"]))
+    chosen = {"k": best["k"], "temperature": best["temperature"]}
+    test_pred = _knn_from_bank(bank, y, test_x, None, pairs=[(best["k"], best["temperature"])],
+                               num_classes=num_classes, chunk=chunk)[0]
+    return ProbeResult(test_acc=accuracy(test_pred, test_y), val_acc=best["val_acc"], chosen=chosen, grid=grid,
                        name="knn")

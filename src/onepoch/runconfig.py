@@ -10,7 +10,7 @@ model:  {arch: resnet18, stem: cifar, width: 1.0}
 method: {name: emp_ssl, eps: 0.2, invariance_weight: 200}   # the method's own keys
 optim:  {name: lars, lr: 0.3, weight_decay: 1e-4, warmup_steps: 0.05}
 train:  {epochs: 1, checkpoint_every: 100, out: runs}
-eval:   {bag_patches: 16, knn_k: 20}
+eval:   {bag_patches: 16, knn_k: [10, 20, 50], probes: [linear, knn, mlp]}
 ```
 
 Unknown keys are errors that name the key (with a "did you mean"). A recipe name such as
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,8 @@ class OptimConfig:
     norm_bias_lr_scale: float = 1.0    # lr multiplier of biases and norm parameters (Barlow Twins: 0.0048/0.2)
 
     def __post_init__(self):
-        if not self.lr > 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"optim.lr must be a finite number > 0, got {self.lr}")
         for key in ("weight_decay", "momentum", "warmup_steps", "final_lr_ratio", "norm_bias_lr_scale"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"optim.{key} must be >= 0, got {getattr(self, key)}")
@@ -78,7 +79,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 1
+    epochs: float = 1                  # may be fractional (equal-budget comparisons): round(epochs x steps per epoch) steps
     max_steps: int | None = None       # stop early after this many steps (the schedule still spans them)
     checkpoint_every: int = 100        # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 2
@@ -92,8 +93,10 @@ class TrainConfig:
     out: str = "runs"                  # the run directory is <out>/<name>
 
     def __post_init__(self):
-        if self.epochs < 1:
-            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+        if not self.epochs > 0 or not math.isfinite(self.epochs):
+            raise ConfigError(f"train.epochs must be > 0, got {self.epochs}")
+        if self.epochs == int(self.epochs):
+            self.epochs = int(self.epochs)
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
@@ -106,27 +109,43 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     features: tuple[str, ...] = ("bag", "full")  # see onepoch.eval: bag, full, map2x2, grid
+    layer: str = "auto"                # bag/full read: auto (pre_feature for EMP-SSL, else backbone), backbone,
+                                       # pre_feature (EMP-SSL), projector
     bag_patches: int = 16
-    probes: tuple[str, ...] = ("linear", "knn")
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    probes: tuple[str, ...] = ("linear", "knn")  # also mlp (one hidden layer: the non-linear probe)
+    knn_k: int | tuple[int, ...] = (10, 20, 50)              # a value, or a list swept on validation
+    knn_temperature: float | tuple[float, ...] = (0.04, 0.07, 0.1)
     val_fraction: float = 0.1
     linear_weight_decays: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
     linear_epochs: tuple[int, ...] = (10, 30)
+    mlp_hidden: tuple[int, ...] = (512,)
+    mlp_dropouts: tuple[float, ...] = (0.0, 0.5)
+    mlp_weight_decays: tuple[float, ...] = (0.0,)
+    mlp_epochs: tuple[int, ...] = (5, 10)
     batch_size: int = 500              # images per embedding batch
     seed: int = 0
 
     def __post_init__(self):
         if self.bag_patches < 1:
             raise ConfigError(f"eval.bag_patches must be >= 1, got {self.bag_patches}")
-        if self.knn_k < 1:
-            raise ConfigError(f"eval.knn_k must be >= 1, got {self.knn_k}")
+        for key in ("knn_k", "knn_temperature"):
+            values = getattr(self, key)
+            if isinstance(values, tuple) and not values:
+                raise ConfigError(f"eval.{key} must be a value or a non-empty list")
+            if any(not v > 0 for v in (values if isinstance(values, tuple) else (values,))):
+                raise ConfigError(f"eval.{key} must be > 0, got {values}")
+        for key in ("linear_epochs", "mlp_hidden", "mlp_epochs"):
+            if not getattr(self, key) or any(v < 1 for v in getattr(self, key)):
+                raise ConfigError(f"eval.{key} must be a non-empty list of values >= 1, got {list(getattr(self, key))}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"eval.val_fraction must lie in (0, 1), got {self.val_fraction}")
         for f in self.features:
             if f not in FEATURE_KINDS:
                 raise ConfigError(f"unknown eval.features entry {f!r}{suggest(f, FEATURE_KINDS)}; "
                                   f"choose from: {', '.join(FEATURE_KINDS)}")
+        if self.layer not in LAYERS:
+            raise ConfigError(f"unknown eval.layer {self.layer!r}{suggest(self.layer, LAYERS)}; "
+                              f"choose from: {', '.join(LAYERS)}")
         for p in self.probes:
             if p not in PROBE_KINDS:
                 raise ConfigError(f"unknown eval.probes entry {p!r}{suggest(p, PROBE_KINDS)}; "
@@ -134,7 +153,8 @@ class EvalConfig:
 
 
 FEATURE_KINDS = ("bag", "full", "map2x2", "grid")
-PROBE_KINDS = ("linear", "knn")
+LAYERS = ("auto", "backbone", "pre_feature", "projector")
+PROBE_KINDS = ("linear", "knn", "mlp")
 
 
 @dataclass
@@ -200,14 +220,16 @@ def read_recipe(recipe: str | Path) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
-    """``data`` with dotted ``a.b=value`` overrides applied (a new dict)."""
+def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any],
+                    top_keys: tuple[str, ...] = TOP_KEYS) -> dict[str, Any]:
+    """``data`` with dotted ``a.b=value`` overrides applied (a new dict); the first part of each key
+    must be one of ``top_keys``."""
     data = copy.deepcopy(data)
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
     for key, value in items:
         parts = key.split(".")
-        if parts[0] not in TOP_KEYS:
-            raise ConfigError(f"unknown config key {key!r}{suggest(parts[0], TOP_KEYS)}")
+        if parts[0] not in top_keys:
+            raise ConfigError(f"unknown config key {key!r}{suggest(parts[0], top_keys)}")
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})

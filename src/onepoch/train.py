@@ -11,6 +11,7 @@ view randomness and schedule as an uninterrupted run.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -164,8 +165,12 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int) -> Path:
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{state['step']:07d}.pt"
+    # Serialised in memory first: torch's zip writer would hide a failed write (a full disk) behind
+    # its own RuntimeError; a plain write raises the OSError itself.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+        f.write(buffer.getbuffer())
     for old in checkpoint_paths(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -185,6 +190,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
         raise ConfigError(f"{path} is not an onepoch checkpoint")
     return state
+
+
+def load_model_state(model: nn.Module, state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Load a checkpoint's model weights; a checkpoint of another model is a ConfigError naming the file."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ConfigError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -234,7 +247,7 @@ def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += _config_diff(a, b, f"{prefix}{k}.")
-        elif a != b and not (prefix == "train." and k in ("max_steps", "device", "threads")):
+        elif a != b and not (prefix == "train." and k in ("max_steps", "device", "threads", "out")):
             keys.append(f"{prefix}{k} ({a!r} -> {b!r})")
     return keys
 
@@ -253,6 +266,37 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
+def _parts_text(parts: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+
+
+def _nonfinite_gradients(model: nn.Module) -> list[str]:
+    """Names of the parameters whose gradient holds a NaN or an inf (none: an empty list).
+
+    One fused norm per parameter (``torch._foreach_norm``) and a single host sync: cheap next to a step.
+    A gradient so large that its norm overflows float32 counts as non-finite too.
+    """
+    named = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return []
+    grads = [g for _, g in named]
+    foreach_norm = getattr(torch, "_foreach_norm", None)
+    norms = foreach_norm(grads) if foreach_norm is not None else [g.norm() for g in grads]
+    finite = torch.isfinite(torch.stack([n.float() for n in norms]))  # .float() of a float32 norm is itself
+    if bool(finite.all()):
+        return []
+    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+
+
+_OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    """A device allocation failure: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, _OUT_OF_MEMORY) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+
+
 def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True) -> TrainResult:
     """Train ``config`` to the end (or to ``train.max_steps``), writing the run directory."""
     from onepoch.data.loader import BatchLoader
@@ -264,9 +308,13 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
     device = pick_device(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    split = open_split(Path(config.data.root), config.data.train_split)
+    # verify: re-hash the arrays against meta.json (a damaged dataset stops here, not mid-run)
+    split = open_split(Path(config.data.root), config.data.train_split, verify=True)
     if config.data.limit is not None and config.data.limit < split.num_images:
         split = split.subset(config.data.limit)
+    if config.data.batch_size > split.num_images:  # checked before the run directory is created
+        raise ConfigError(f"data.batch_size {config.data.batch_size} is larger than the {config.data.train_split} "
+                          f"split ({split.num_images} images); use a smaller batch")
     in_chans = split.shape[-1]
     specs = view_specs_for(config, split.mean, split.std)
     run_dir = _prepare_run_dir(config, resume)
@@ -288,7 +336,7 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
     loader = BatchLoader(split, config.data.batch_size, device=device, shuffle=True, drop_last=True,
                          seed=config.seed)
     steps_per_epoch = len(loader)
-    total_steps = steps_per_epoch * tc.epochs
+    total_steps = max(1, round(steps_per_epoch * tc.epochs))
     warmup = int(round(oc.warmup_steps * total_steps)) if oc.warmup_steps < 1 else int(oc.warmup_steps)
     view_gen = torch.Generator().manual_seed(config.seed + 1)
 
@@ -298,10 +346,7 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
         ckpt_path = latest_checkpoint(run_dir)
         if ckpt_path is not None:
             state = load_checkpoint(ckpt_path)
-            try:
-                model.load_state_dict(state["model"])
-            except RuntimeError as e:
-                raise TrainingError(f"checkpoint {ckpt_path} does not fit this model: {str(e).splitlines()[0]}") from None
+            load_model_state(model, state, ckpt_path)
             optimizer.load_state_dict(state["optimizer"])
             if probe is not None and state.get("probe") is not None:
                 probe.load_state_dict(state["probe"])
@@ -344,21 +389,35 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
                 t0 = time.perf_counter()
                 lr = oc.lr * warmup_cosine(step, total_steps, warmup, oc.final_lr_ratio)
                 set_learning_rate(optimizer, lr)
-                views = make_view_groups(batch.images, specs, view_gen, channels_last=use_cl)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss, parts, feats = run_model(views)
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    parts_text = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-                    raise TrainingError(f"loss is {loss_value} at step {step} ({parts_text}); the last good "
-                                        f"checkpoint is kept in {run_dir / 'checkpoints'}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if before_step is not None:
-                    before_step(step, total_steps)
-                optimizer.step()
-                if after_step is not None:
-                    after_step(step, total_steps)
+                try:
+                    views = make_view_groups(batch.images, specs, view_gen, channels_last=use_cl)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        loss, parts, feats = run_model(views)
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        raise TrainingError(f"loss is {loss_value} at step {step} ({_parts_text(parts)}); the last "
+                                            f"good checkpoint is kept in {run_dir / 'checkpoints'}")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if before_step is not None:
+                        before_step(step, total_steps)
+                    bad = _nonfinite_gradients(model)
+                    if bad:  # the optimizer has not stepped: the weights are still those of a good step
+                        raise TrainingError(
+                            f"non-finite gradient at step {step} (the loss is finite: {_parts_text(parts)}) in "
+                            f"{len(bad)} parameter(s): {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}; "
+                            f"the last good checkpoint is kept in {run_dir / 'checkpoints'}")
+                    optimizer.step()
+                    if after_step is not None:
+                        after_step(step, total_steps)
+                except Exception as e:
+                    if _is_out_of_memory(e):
+                        raise TrainingError(
+                            f"out of memory at step {step} on {device} ({config.data.batch_size} images x "
+                            f"{patches_per_step // config.data.batch_size} views per step): lower data.batch_size "
+                            f"or views.count; the last good checkpoint is kept in {run_dir / 'checkpoints'}"
+                        ) from None
+                    raise
                 probe_metrics = {}
                 if probe is not None:
                     first_view = feats[:batch.images.shape[0]].detach().float()

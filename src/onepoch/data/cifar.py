@@ -269,6 +269,8 @@ def read_cifar(name: str, path: str | os.PathLike) -> tuple[dict[str, SplitArray
                 bar.update(1)
     except DataError:
         raise
+    except PermissionError as e:
+        raise DataError(f"{e.filename or path}: cannot read ({e.strerror}); check the file's permissions") from None
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read ({one_line(e)}); the file is truncated or corrupt") from None
     found = set(batches) | ({layout.meta_member} if class_names is not None else set())

@@ -2,8 +2,8 @@
 
 Rules for a folder source:
 
-- every non-hidden entry of ROOT is a class directory; sorted directory names are the class
-  names and a class's label is its index in that order;
+- every non-hidden entry of ROOT is a class directory (at least two); sorted directory names are
+  the class names and a class's label is its index in that order;
 - every non-hidden entry of a class directory is a PNG or JPEG file (extension checked
   case-insensitively); anything else -- another file type, a nested directory, a file Pillow
   cannot decode -- is an error naming it; names starting with '.' are ignored everywhere;
@@ -51,8 +51,8 @@ def _visible_entries(directory: Path) -> list[os.DirEntry]:
 def list_image_folder(root: str | os.PathLike) -> FolderListing:
     """List the class directories and image files of ``root`` (see the module docstring).
 
-    Raises :class:`DataError` for a missing or empty root, a loose file in the root, a class
-    directory without images, or an entry that is not a PNG/JPEG file.
+    Raises :class:`DataError` for a missing or empty root, a single class, a loose file in the root,
+    a class directory without images, or an entry that is not a PNG/JPEG file.
     """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
@@ -83,6 +83,11 @@ def list_image_folder(root: str | os.PathLike) -> FolderListing:
         class_names.append(class_dir.name)
         paths.extend(images)
         labels.extend([label] * len(images))
+    if len(class_names) < 2:
+        raise DataError(
+            f"image folder {root} has a single class folder ({class_names[0]!r}); a dataset needs at least "
+            "two classes (one subfolder per class)"
+        )
     return FolderListing(root, class_names, paths, np.asarray(labels, np.int64))
 
 

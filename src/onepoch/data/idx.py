@@ -95,6 +95,8 @@ def read_idx(path: str | os.PathLike, *, magic: int, ndims: int, kind: str) -> n
                 )
     except DataError:
         raise
+    except PermissionError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror}); check the file's permissions") from None
     except _READ_ERRORS as e:
         raise DataError(f"{path}: cannot read ({one_line(e)}); the file is truncated or corrupt") from None
     return values

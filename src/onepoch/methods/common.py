@@ -57,9 +57,12 @@ class BackboneProjector(nn.Module):
         self.backbone = backbone
         self.projector = mlp(backbone.feature_dim, projector)
 
+    feature_layers = ("backbone", "projector")
+
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The layers an evaluation can read."""
-        return {"backbone": self.backbone(x)}
+        """The layers an evaluation can read: the backbone output and the projector's."""
+        h = self.backbone(x)
+        return {"backbone": h, "projector": self.projector(h)}
 
     def embed_views(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x = stack_views(views)

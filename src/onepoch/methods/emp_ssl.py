@@ -51,10 +51,13 @@ class EmpSSL(nn.Module):
         self.pre_feature_dim = parse_mlp_spec(config.pre_feature)[-1]
         self.projection = mlp(self.pre_feature_dim, config.projector)
 
+    feature_layers = ("backbone", "pre_feature", "projector")
+
     def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The layers an evaluation can read: ``backbone`` and ``pre_feature``."""
+        """The layers an evaluation can read: ``backbone``, ``pre_feature`` and ``projector``."""
         h = self.backbone(x)
-        return {"backbone": h, "pre_feature": self.pre_feature(h)}
+        pre = self.pre_feature(h)
+        return {"backbone": h, "pre_feature": pre, "projector": self.projection(pre)}
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         x = stack_views(views)

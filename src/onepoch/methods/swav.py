@@ -22,7 +22,8 @@ from torch import nn
 
 from onepoch.errors import ConfigError
 from onepoch.losses import sinkhorn_knopp, swav_loss
-from onepoch.models import mlp, parse_mlp_spec
+from onepoch.methods.common import BackboneProjector
+from onepoch.models import parse_mlp_spec
 
 
 @dataclass
@@ -49,7 +50,7 @@ class SwAVConfig:
                 raise ConfigError(f"method.{key} must be >= 0, got {getattr(self, key)}")
 
 
-class SwAV(nn.Module):
+class SwAV(BackboneProjector):
     """``forward(views)`` with view groups (V_g, B, C, h_g, w_g), sizes may differ, the first
     ``code_views`` views (in group order) at the training size → (loss, metrics, backbone features of
     every view). Hooks: prototypes frozen early (``before_optimizer_step``), renormalised after each
@@ -58,18 +59,13 @@ class SwAV(nn.Module):
     name = "swav"
 
     def __init__(self, backbone: nn.Module, config: SwAVConfig):
-        super().__init__()
+        super().__init__(backbone, config.projector)
         self.config = config
-        self.backbone = backbone
-        self.projector = mlp(backbone.feature_dim, config.projector)
         dim = parse_mlp_spec(config.projector)[-1]
         self.prototypes = nn.Linear(dim, config.prototypes, bias=False)
         self._normalize_prototypes()
         self.register_buffer("queue", torch.zeros(config.code_views, config.queue_size, dim))
         self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
-
-    def features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"backbone": self.backbone(x)}
 
     @torch.no_grad()
     def _normalize_prototypes(self) -> None:

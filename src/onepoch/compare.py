@@ -1,0 +1,456 @@
+"""``onepoch compare``: several methods, budgets and seeds trained and evaluated on equal terms.
+
+A compare recipe (``configs/compare/*.yaml``)::
+
+    name: compare_fashion_mnist_1epoch
+    data: {root: data/fashion-mnist}          # data.* for every cell
+    methods: [emp_ssl/fashion_mnist_demo, simclr/fashion_mnist_1epoch, ...]   # run recipes
+    budget: epochs                             # epochs | patch_passes | seconds
+    budgets: [1]
+    seeds: [0]
+    eval: {features: [full, map2x2], probes: [linear, knn]}   # the same protocol for every method
+    overrides: []                              # any other KEY=VALUE for every cell
+    random_init: true                          # also evaluate the network at its initialisation
+
+Each cell (method x budget x seed) is a run directory ``<out>/<name>/<label>_<budget><value>_seed<s>``
+trained with ``onepoch.train`` and evaluated with ``onepoch.eval``; its summary goes to ``cell.json``
+(written last, atomically). A cell with a ``cell.json`` is reused; a cell with a run directory but no
+``cell.json`` is resumed from its last checkpoint. So a killed compare, run again, does only the
+cells not yet done.
+
+Budgets: ``epochs`` sets ``train.epochs``; ``patch_passes`` P gives every method P / (views per
+image) epochs (the same number of view images through the backbone; views of different sizes count
+alike); ``seconds`` S gives ``S / (seconds per step x steps per epoch)`` epochs, the seconds per step
+measured in a short calibration run of each method (``calibration.json``), so wall time matches
+only as well as that measurement. Epochs may be fractional (``train.epochs``).
+
+Outputs in ``<out>/<name>/``: ``compare.json`` (every cell), ``compare.md`` (tables: test accuracy
+mean ± std over seeds per method and budget, train time) and PNG plots of accuracy against epochs,
+training seconds and patch passes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onepoch.atomic import atomic_write_text
+from onepoch.config import dataclass_from_dict
+from onepoch.errors import ConfigError
+
+BUDGET_KINDS = ("epochs", "patch_passes", "seconds")
+COMPARE_KEYS = ("name", "data", "methods", "budget", "budgets", "seeds", "eval", "overrides", "random_init", "out",
+                "calibration_steps", "primary")
+
+
+@dataclass
+class CompareConfig:
+    name: str = "compare"
+    data: dict[str, Any] = field(default_factory=dict)
+    methods: list[Any] = field(default_factory=list)   # recipe names/paths, or {recipe, label, overrides}
+    budget: str = "epochs"
+    budgets: tuple[float, ...] = (1.0,)
+    seeds: tuple[int, ...] = (0,)
+    eval: dict[str, Any] = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()
+    random_init: bool = True
+    out: str = "runs"
+    calibration_steps: int = 20
+    primary: dict[str, str] = field(default_factory=dict)  # {feature, probe} for the plots; default: the first ones
+
+    def __post_init__(self):
+        if self.budget not in BUDGET_KINDS:
+            from onepoch.config import suggest
+
+            raise ConfigError(f"unknown budget {self.budget!r}{suggest(self.budget, BUDGET_KINDS)}; "
+                              f"choose one of: {', '.join(BUDGET_KINDS)}")
+        if not self.methods:
+            raise ConfigError("a comparison needs at least one entry in methods")
+        if not self.budgets or any(not b > 0 for b in self.budgets):
+            raise ConfigError(f"budgets must be a non-empty list of positive numbers, got {list(self.budgets)}")
+        if not self.seeds:
+            raise ConfigError("seeds must be a non-empty list")
+        if self.calibration_steps < 4:
+            raise ConfigError(f"calibration_steps must be >= 4, got {self.calibration_steps}")
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"name must be a plain directory name, got {self.name!r}")
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.out) / self.name
+
+
+@dataclass
+class MethodEntry:
+    recipe: str
+    label: str
+    overrides: tuple[str, ...] = ()
+
+
+@dataclass
+class Cell:
+    label: str
+    recipe: str
+    budget: float
+    seed: int
+    run_dir: Path
+    overrides: list[str]
+
+    @property
+    def key(self) -> str:
+        return self.run_dir.name
+
+
+def load_compare_config(recipe: str | Path, overrides: list[str] = ()) -> CompareConfig:
+    """A CompareConfig from a compare recipe (a path or a shipped name such as
+    ``compare/fashion_mnist_1epoch``) with dotted overrides (``budgets=[1,3]``, ``data.root=...``)."""
+    from onepoch.runconfig import apply_overrides, read_recipe
+
+    data = apply_overrides(read_recipe(recipe), list(overrides), top_keys=COMPARE_KEYS)
+    for key in ("data", "eval", "primary"):
+        if key in data and not isinstance(data[key], dict):
+            raise ConfigError(f"{key} must be a mapping, got {data[key]!r}")
+    if "methods" in data and not isinstance(data["methods"], list):
+        raise ConfigError(f"methods must be a list of recipes, got {data['methods']!r}")
+    config = dataclass_from_dict(CompareConfig, data, where="compare")
+    method_entries(config)  # check the methods now
+    return config
+
+
+def method_entries(config: CompareConfig) -> list[MethodEntry]:
+    """The methods with their labels: the method's name, or the recipe when two share a method."""
+    from onepoch.runconfig import read_recipe
+
+    raw = []
+    for item in config.methods:
+        if isinstance(item, str):
+            item = {"recipe": item}
+        if not isinstance(item, dict) or "recipe" not in item:
+            raise ConfigError(f"each methods entry must be a recipe name or a mapping with 'recipe', got {item!r}")
+        unknown = set(item) - {"recipe", "label", "overrides"}
+        if unknown:
+            raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} in methods entry {item!r} "
+                              f"(allowed: recipe, label, overrides)")
+        method = (read_recipe(item["recipe"]).get("method") or {}).get("name", "emp_ssl")
+        raw.append((item, method))
+    counts: dict[str, int] = {}
+    for _, method in raw:
+        counts[method] = counts.get(method, 0) + 1
+    entries = []
+    for item, method in raw:
+        default = method if counts[method] == 1 else str(item["recipe"]).replace("/", "-").removesuffix(".yaml")
+        label = str(item.get("label") or default)
+        if not label.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ConfigError(f"method label {label!r} must be letters, digits, '-', '_' or '.'")
+        entries.append(MethodEntry(str(item["recipe"]), label, tuple(item.get("overrides") or ())))
+    labels = [e.label for e in entries]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"two methods share a label: {labels}; give them distinct 'label's")
+    return entries
+
+
+def _budget_tag(kind: str, value: float) -> str:
+    text = f"{value:g}"
+    return {"epochs": f"ep{text}", "patch_passes": f"pp{text}", "seconds": f"s{text}"}[kind]
+
+
+def _cell_overrides(config: CompareConfig, entry: MethodEntry, seed: int, run_dir: Path) -> list[str]:
+    out = [f"data.{k}={json.dumps(v)}" for k, v in config.data.items()]
+    out += [f"eval.{k}={json.dumps(v)}" for k, v in config.eval.items()]
+    out += [*config.overrides, *entry.overrides]
+    out += [f"seed={seed}", f"name={run_dir.name}", f"train.out={run_dir.parent}"]
+    return out
+
+
+def plan_cells(config: CompareConfig) -> list[Cell]:
+    cells = []
+    for entry in method_entries(config):
+        for budget in config.budgets:
+            for seed in config.seeds:
+                run_dir = config.dir / f"{entry.label}_{_budget_tag(config.budget, budget)}_seed{seed}"
+                cells.append(Cell(entry.label, entry.recipe, float(budget), int(seed), run_dir,
+                                  _cell_overrides(config, entry, seed, run_dir)))
+    return cells
+
+
+def _views_per_image(run_config) -> int:
+    from onepoch.runconfig import view_groups
+    from onepoch.views import load_view_spec
+
+    return sum(load_view_spec(preset, keys).count for preset, keys in view_groups(run_config.views))
+
+
+def _steps_per_epoch(run_config) -> int:
+    from onepoch.data.prepared import open_split
+
+    split = open_split(Path(run_config.data.root), run_config.data.train_split)
+    n = split.num_images if run_config.data.limit is None else min(split.num_images, run_config.data.limit)
+    return max(1, n // run_config.data.batch_size)
+
+
+def step_seconds(metrics_path: Path, skip: int = 3) -> float:
+    """Median seconds per training step in a metrics.jsonl (the first ``skip`` steps left out)."""
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    patches = [r for r in rows if r.get("patches_per_s")]
+    if not patches:
+        raise ConfigError(f"{metrics_path} has no timed steps")
+    return statistics.median([1.0 / r["patches_per_s"] for r in patches[skip:] or patches])
+
+
+def train_seconds(metrics_path: Path, patches_per_step: int) -> float:
+    """Seconds spent in training steps, summed from a run's metrics.jsonl (survives resumes)."""
+    total = 0.0
+    for line in metrics_path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if row.get("patches_per_s"):
+                total += patches_per_step / row["patches_per_s"]
+    return total
+
+
+def _calibrate(config: CompareConfig, cell: Cell, log) -> float:
+    """Seconds per step of a cell's method, measured once per method and kept in calibration.json."""
+    from onepoch.runconfig import load_config
+    from onepoch.train import train
+
+    path = config.dir / "calibration.json"
+    known = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if cell.label in known:
+        return float(known[cell.label]["seconds_per_step"])
+    scratch = config.dir / "_calibration"
+    shutil.rmtree(scratch / cell.label, ignore_errors=True)
+    run_config = load_config(cell.recipe, [*cell.overrides, f"train.out={scratch}", f"name={cell.label}",
+                                           f"train.max_steps={config.calibration_steps}", "train.online_probe=false"])
+    log(f"calibrating {cell.label}: {config.calibration_steps} steps to measure the time per step")
+    train(run_config, progress_bar=False)
+    per_patch = step_seconds(run_config.run_dir / "metrics.jsonl")
+    seconds = per_patch * run_config.data.batch_size * _views_per_image(run_config)
+    shutil.rmtree(scratch / cell.label, ignore_errors=True)
+    known[cell.label] = {"seconds_per_step": seconds, "steps": config.calibration_steps}
+    atomic_write_text(path, json.dumps(known, indent=2) + "\n")
+    return seconds
+
+
+def cell_epochs(config: CompareConfig, cell: Cell, log=print) -> float:
+    """The ``train.epochs`` that gives ``cell`` its budget."""
+    from onepoch.runconfig import load_config
+
+    if config.budget == "epochs":
+        return cell.budget
+    run_config = load_config(cell.recipe, cell.overrides)
+    if config.budget == "patch_passes":
+        return cell.budget / _views_per_image(run_config)
+    return cell.budget / (_calibrate(config, cell, log) * _steps_per_epoch(run_config))
+
+
+def run_cell(config: CompareConfig, cell: Cell, log=print) -> dict[str, Any]:
+    """Train (or resume) and evaluate one cell; return its summary (also in ``cell.json``)."""
+    from onepoch.eval import evaluate_run
+    from onepoch.runconfig import load_config
+    from onepoch.train import train
+
+    done = cell.run_dir / "cell.json"
+    if done.exists():
+        return json.loads(done.read_text(encoding="utf-8"))
+    epochs = cell_epochs(config, cell, log)
+    run_config = load_config(cell.recipe, [*cell.overrides, f"train.epochs={epochs!r}"])
+    resume = (cell.run_dir / "config.yaml").exists()
+    log(f"{'resuming' if resume else 'training'} {cell.key}: {run_config.method['name']}, "
+        f"{epochs:.4g} epoch(s), seed {cell.seed}")
+    result = train(run_config, resume=resume)
+    report = evaluate_run(cell.run_dir, log=log)
+    views = _views_per_image(run_config)
+    online_path = cell.run_dir / "online_probe.json"
+    online = json.loads(online_path.read_text(encoding="utf-8"))["test_acc"] if online_path.exists() else None
+    steps_per_epoch = _steps_per_epoch(run_config)
+    summary = {
+        "label": cell.label, "recipe": cell.recipe, "method": run_config.method["name"],
+        "budget_kind": config.budget, "budget": cell.budget, "seed": cell.seed, "run_dir": str(cell.run_dir),
+        "epochs": result.steps / steps_per_epoch, "steps": result.steps,
+        "patch_passes": result.steps / steps_per_epoch * views,
+        "train_seconds": train_seconds(cell.run_dir / "metrics.jsonl", run_config.data.batch_size * views),
+        "online_probe_test_acc": online, "results": report["results"],
+    }
+    atomic_write_text(done, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run_random_init(config: CompareConfig, seed: int, log=print) -> dict[str, Any]:
+    """Evaluate the first method's network at its random initialisation (seed ``seed``)."""
+    import torch
+
+    from onepoch.eval import evaluate_model, open_eval_splits
+    from onepoch.runconfig import load_config
+    from onepoch.train import build_model, pick_device, view_spec_for
+
+    run_dir = config.dir / f"random_init_seed{seed}"
+    done = run_dir / "cell.json"
+    if done.exists():
+        return json.loads(done.read_text(encoding="utf-8"))
+    entry = method_entries(config)[0]
+    run_config = load_config(entry.recipe, _cell_overrides(config, entry, seed, run_dir))
+    device = pick_device(run_config.train.device)
+    train_split, test_split = open_eval_splits(run_config)
+    spec = view_spec_for(run_config, train_split.mean, train_split.std)
+    log(f"evaluating the random-init network ({run_config.model.arch}, width {run_config.model.width}, seed {seed})")
+    torch.manual_seed(run_config.seed)
+    model = build_model(run_config, train_split.shape[-1]).to(device)
+    results = evaluate_model(model, run_config, device=device, train_split=train_split, test_split=test_split,
+                             spec=spec, log=log)
+    summary = {"label": "random init", "recipe": entry.recipe, "method": "random_init", "budget_kind": config.budget,
+               "budget": 0.0, "seed": seed, "run_dir": str(run_dir), "epochs": 0.0, "steps": 0, "patch_passes": 0.0,
+               "train_seconds": 0.0, "online_probe_test_acc": None, "results": results}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(done, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables and plots
+# --------------------------------------------------------------------------------------------------
+
+
+def _metric(summary: dict[str, Any], feature: str, probe: str) -> float | None:
+    entry = summary["results"].get(feature, {}).get(probe)
+    return None if entry is None else 100.0 * entry["test_acc"]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def _fmt(values: list[float], digits: int = 2) -> str:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "-"
+    mean, std = _mean_std(values)
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def metric_pairs(summaries: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(feature, probe) pairs present in the results, in their order of appearance."""
+    pairs: list[tuple[str, str]] = []
+    for s in summaries:
+        for feature, entry in s["results"].items():
+            for probe in ("linear", "mlp", "knn"):
+                if probe in entry and (feature, probe) not in pairs:
+                    pairs.append((feature, probe))
+    return pairs
+
+
+PROBE_NAMES = {"linear": "linear", "mlp": "MLP", "knn": "k-NN"}
+
+
+def format_markdown(config: CompareConfig, summaries: list[dict[str, Any]], *, command: str = "") -> str:
+    """compare.md: a summary table per budget, then method x budget tables per (feature, probe)."""
+    labels = list(dict.fromkeys(s["label"] for s in summaries))
+    budgets = sorted({s["budget"] for s in summaries if s["method"] != "random_init"})
+    pairs = metric_pairs(summaries)
+    unit = {"epochs": "epoch(s)", "patch_passes": "patch passes", "seconds": "s of training"}[config.budget]
+    lines = [f"# Comparison `{config.name}`", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [f"Data: `{config.data.get('root', '(from each recipe)')}`; budget: {config.budget} "
+              f"{', '.join(f'{b:g}' for b in budgets)}; seeds: {', '.join(str(s) for s in config.seeds)}. "
+              "Test accuracy in %, mean ± std over seeds; every probe's hyper-parameters chosen on a "
+              "validation split of the training set. Train time: seconds in training steps.", ""]
+
+    def cells_of(label: str, budget: float | None) -> list[dict[str, Any]]:
+        return [s for s in summaries if s["label"] == label and (budget is None or s["budget"] == budget
+                                                                  or s["method"] == "random_init")]
+
+    for budget in budgets:
+        lines += [f"## {budget:g} {unit}", ""]
+        head = ["method", "epochs", "train time (s)", "online probe"] + [f"{PROBE_NAMES[p]} ({f})" for f, p in pairs]
+        lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+        for label in labels:
+            cs = cells_of(label, budget)
+            if not cs:
+                continue
+            online = [100 * c["online_probe_test_acc"] for c in cs if c["online_probe_test_acc"] is not None]
+            row = [label, _fmt([c["epochs"] for c in cs], 3), _fmt([c["train_seconds"] for c in cs], 0),
+                   _fmt(online)] + [_fmt([_metric(c, f, p) for c in cs]) for f, p in pairs]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    if len(budgets) > 1:
+        for f, p in pairs:
+            lines += [f"## {PROBE_NAMES[p]} probe on `{f}` features, by budget", ""]
+            head = ["method"] + [f"{b:g}" for b in budgets] + ["train time (s) at each budget"]
+            lines += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+            for label in labels:
+                row = [label] + [_fmt([_metric(c, f, p) for c in cells_of(label, b)]) for b in budgets]
+                row.append(" / ".join(_fmt([c["train_seconds"] for c in cells_of(label, b)], 0) for b in budgets))
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def write_plots(config: CompareConfig, summaries: list[dict[str, Any]]) -> list[Path]:
+    """PNG plots of the primary metric against epochs, training seconds and patch passes."""
+    from onepoch.plots import line_plot
+
+    pairs = metric_pairs(summaries)
+    if not pairs:
+        return []
+    feature = config.primary.get("feature", pairs[0][0])
+    probe = config.primary.get("probe", pairs[0][1])
+    trained = [s for s in summaries if s["method"] != "random_init"]
+    labels = list(dict.fromkeys(s["label"] for s in trained))
+    paths = []
+    for axis, xlabel in (("epochs", "epochs"), ("train_seconds", "training time (s)"),
+                         ("patch_passes", "patch passes (views through the backbone per image)")):
+        series = []
+        for label in labels:
+            points = []
+            for budget in sorted({s["budget"] for s in trained if s["label"] == label}):
+                cs = [s for s in trained if s["label"] == label and s["budget"] == budget]
+                ys = [_metric(c, feature, probe) for c in cs]
+                ys = [y for y in ys if y is not None]
+                if ys:
+                    mean, std = _mean_std(ys)
+                    points.append((sum(c[axis] for c in cs) / len(cs), mean, std))
+            if points:
+                xs, ys, errs = zip(*points)
+                series.append((label, list(xs), list(ys), list(errs)))
+        name = {"epochs": "acc_vs_epochs", "train_seconds": "acc_vs_seconds", "patch_passes": "acc_vs_patch_passes"}
+        path = config.dir / f"{name[axis]}.png"
+        line_plot(path, series, title=f"{config.name}: {PROBE_NAMES[probe]} probe on {feature} features",
+                  xlabel=xlabel, ylabel="test accuracy (%)")
+        paths.append(path)
+    return paths
+
+
+def run_compare(config: CompareConfig, *, command: str = "", log=print) -> dict[str, Any]:
+    """Run every cell not yet done, then write compare.json, compare.md and the plots."""
+    config.dir.mkdir(parents=True, exist_ok=True)
+    cells = plan_cells(config)
+    total = len(cells) + (len(config.seeds) if config.random_init else 0)
+    log(f"comparison {config.name}: {len(cells)} cell(s) ({len(method_entries(config))} method(s) x "
+        f"{len(config.budgets)} budget(s) x {len(config.seeds)} seed(s)) in {config.dir}")
+    t0 = time.perf_counter()
+    summaries = []
+    for i, cell in enumerate(cells, 1):
+        state = "done" if (cell.run_dir / "cell.json").exists() else "to do"
+        log(f"[{i}/{total}] {cell.key} ({state})")
+        summaries.append(run_cell(config, cell, log=log))
+    if config.random_init:
+        for j, seed in enumerate(config.seeds, len(cells) + 1):
+            log(f"[{j}/{total}] random init, seed {seed}")
+            summaries.append(run_random_init(config, seed, log=log))
+    markdown = format_markdown(config, summaries, command=command)
+    report = {"config": asdict(config), "cells": summaries, "seconds": time.perf_counter() - t0}
+    atomic_write_text(config.dir / "compare.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(config.dir / "compare.md", markdown + "\n")
+    plots = write_plots(config, summaries)
+    log("")
+    log(markdown)
+    log(f"wrote {config.dir / 'compare.md'}, compare.json and {len(plots)} plot(s)")
+    return report

@@ -1,0 +1,223 @@
+"""``onepoch report RUN_DIR``: a Markdown report of one run with PNG figures.
+
+Writes into the run directory:
+
+- ``report.md``: the config in brief, training (steps, time, throughput, final loss parts), the online
+  probe, the probe results of ``eval.json`` when the run was evaluated, and the figures;
+- ``curves_loss.png``, ``curves_lr.png``, ``curves_online_probe.png``, ``curves_throughput.png``:
+  the training curves from ``metrics.jsonl`` (a moving average over ``smooth`` steps for the noisy ones);
+- ``views.png``: a few training images and the views the run's recipe makes of them (every view group);
+- ``embedding_pca.png``: the test images' backbone features (whole image, newest checkpoint) projected
+  on their first two principal components, coloured by class.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from onepoch.atomic import atomic_write_text
+from onepoch.errors import ConfigError
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        raise ConfigError(f"{run_dir} has no metrics.jsonl (was it trained?)")
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a crash
+    return rows
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values (the first points average what exists)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _loss_keys(rows: list[dict[str, Any]]) -> list[str]:
+    skip = {"step", "epoch", "lr", "patches_per_s", "time", "online_probe_loss", "online_probe_acc"}
+    first = rows[0] if rows else {}
+    keys = [k for k, v in first.items() if k not in skip and isinstance(v, (int, float))]
+    # a part that is the loss itself (single-term losses) is left out
+    return [k for k in keys if k == "loss" or any(r.get(k) != r.get("loss") for r in rows[:50])]
+
+
+def write_curves(run_dir: Path, rows: list[dict[str, Any]], smooth: int) -> list[Path]:
+    from onepoch.plots import line_plot
+
+    steps = [r["step"] for r in rows]
+    name = run_dir.name
+    paths = []
+
+    def series(key: str, label: str | None = None, window: int = 1):
+        ys = [float(r.get(key, math.nan)) for r in rows]
+        return (label or key, steps, moving_average(ys, window) if window > 1 else ys)
+
+    keys = _loss_keys(rows)
+    plots = [
+        ("curves_loss.png", [series(k, window=smooth) for k in keys], "loss and its parts", False),
+        ("curves_lr.png", [series("lr", "learning rate")], "learning rate", False),
+        ("curves_online_probe.png", [series("online_probe_acc", "online probe (batch accuracy)", smooth)]
+         if any("online_probe_acc" in r for r in rows) else [], "online probe accuracy", False),
+        ("curves_throughput.png", [series("patches_per_s", "patches/s", smooth)], "patches (views) per second", False),
+    ]
+    for filename, data, ylabel, logy in plots:
+        path = run_dir / filename
+        line_plot(path, data, title=f"{name}: {ylabel}" + (f" ({smooth}-step mean)" if smooth > 1 else ""),
+                  xlabel="step", ylabel=ylabel, logy=logy)
+        paths.append(path)
+    return paths
+
+
+def save_views_figure(path: Path, originals, groups: list[torch.Tensor], *, scale: int | None = None,
+                      col_titles: list[str] | None = None) -> Path:
+    """A PNG with one row per image: the image, then its views. ``originals`` uint8 (n, H, W, C);
+    ``groups`` float views (V_g, n, C, s_g, s_g) in [0, 1] (un-normalised), all drawn at the largest
+    view size (smaller crops enlarged without smoothing)."""
+    from onepoch.plots import image_grid
+
+    originals = torch.from_numpy(np.array(originals))  # a copy: memory-mapped splits are read-only
+    n, c = originals.shape[0], originals.shape[-1]
+    size = max(g.shape[-1] for g in groups)
+    tiles = [torch.nn.functional.interpolate(g.flatten(0, 1).float(), size=(size, size), mode="nearest").view(
+        g.shape[0], n, c, size, size) for g in groups]
+    first = originals.permute(0, 3, 1, 2).float().div(255)
+    if first.shape[-1] != size:
+        first = torch.nn.functional.interpolate(first, size=(size, size), mode="bilinear", antialias=True,
+                                                align_corners=False)
+    columns = torch.cat([first[None], *tiles])                                   # (1 + V, n, C, s, s)
+    grid = columns.permute(1, 0, 3, 4, 2).reshape(-1, size, size, c)             # row-major: image, its views
+    return image_grid(path, grid.clamp(0, 1).numpy(), rows=n, cols=columns.shape[0],
+                      scale=scale or max(1, math.ceil(64 / size)), col_titles=col_titles)
+
+
+def write_views(run_dir: Path, config, split, images: int = 6, views_per_group: int = 4) -> Path:
+    """``views.png``: per row an image, then up to ``views_per_group`` views of each view group."""
+    from onepoch.train import view_specs_for
+    from onepoch.views import load_view_spec, make_views
+
+    n = min(images, split.num_images)
+    originals = torch.from_numpy(np.array(split.images[:n]))
+    generator = torch.Generator().manual_seed(config.seed)
+    specs = view_specs_for(config, split.mean, split.std)
+    groups, titles = [], ["image"]
+    for g, spec in enumerate(specs):
+        spec = load_view_spec(spec, {"count": min(spec.count, views_per_group), "mean": None, "std": None})
+        groups.append(make_views(originals, spec, generator).view(spec.count, n, originals.shape[-1], spec.size,
+                                                                  spec.size))
+        titles += [f"group {g + 1} view {i + 1}" if len(specs) > 1 else f"view {i + 1}" for i in range(spec.count)]
+    return save_views_figure(run_dir / "views.png", originals, groups, col_titles=titles)
+
+
+def pca_2d(features: torch.Tensor) -> torch.Tensor:
+    """The rows of ``features`` projected on their first two principal components (seeded)."""
+    x = features.float() - features.float().mean(0, keepdim=True)
+    # The two leading right singular vectors of the centred matrix, from the small D x D covariance.
+    cov = x.T @ x / max(1, x.shape[0] - 1)
+    _, vectors = torch.linalg.eigh(cov.double())
+    top = vectors[:, -2:].flip(1).float()
+    return x @ top
+
+
+def write_embedding(run_dir: Path, config, model, test_split, max_points: int = 5000) -> Path:
+    from onepoch.eval import embed_split
+    from onepoch.plots import scatter_plot
+    from onepoch.train import pick_device, view_spec_for
+
+    device = pick_device(config.train.device)
+    n = min(max_points, test_split.num_images)
+    spec = view_spec_for(config, test_split.mean, test_split.std)
+    feats = embed_split(model.to(device), test_split.images[:n], "full", spec=spec, batch_size=config.eval.batch_size,
+                        device=device, seed=config.eval.seed, progress_desc="embed test (full)")
+    xy = pca_2d(feats.cpu()).numpy()
+    labels = np.array(test_split.labels[:n])
+    return scatter_plot(run_dir / "embedding_pca.png", xy, labels, class_names=list(test_split.class_names),
+                        title=f"{run_dir.name}: test features, first two principal components",
+                        xlabel="principal component 1", ylabel="principal component 2")
+
+
+def _eval_lines(report: dict[str, Any]) -> list[str]:
+    results = report.get("results", {})
+    probes = [p for p in ("linear", "mlp", "knn") if any(p in e for e in results.values() if isinstance(e, dict))]
+    lines = ["| features | " + " | ".join(f"{p} test % (val %)" for p in probes) + " |",
+             "|---|" + "---:|" * len(probes)]
+    for kind, entry in results.items():
+        cells = []
+        for p in probes:
+            r = entry.get(p)
+            cells.append("-" if r is None else f"{100 * r['test_acc']:.2f} ({100 * r['val_acc']:.2f})")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(run_dir: str | Path, *, smooth: int = 20, log=print) -> Path:
+    """Write ``report.md`` and the figures for the run in ``run_dir``; return the report's path."""
+    from onepoch.eval import open_eval_splits
+    from onepoch.train import build_model, latest_checkpoint, load_checkpoint, load_model_state, read_run_config
+
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ConfigError(f"{run_dir}/metrics.jsonl holds no steps yet")
+    train_split, test_split = open_eval_splits(config)
+    figures = write_curves(run_dir, rows, smooth)
+    figures.append(write_views(run_dir, config, train_split))
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        model = build_model(config, train_split.shape[-1])
+        load_model_state(model, state, ckpt)
+        figures.append(write_embedding(run_dir, config, model, test_split))
+
+    from onepoch.compare import _views_per_image, train_seconds
+
+    last = rows[-1]
+    rates = sorted(r["patches_per_s"] for r in rows if r.get("patches_per_s"))
+    patches_per_step = config.data.batch_size * _views_per_image(config)
+    lines = [f"# Run `{run_dir.name}`", "",
+             f"- method: **{config.method['name']}** "
+             f"({', '.join(f'{k}={v}' for k, v in config.method.items() if k != 'name')})",
+             f"- model: {config.model.arch}, width {config.model.width}, {config.model.stem} stem",
+             f"- data: `{config.data.root}`, {config.data.batch_size} images per step; views: "
+             f"`{json.dumps(config.views)}`",
+             f"- optimizer: {config.optim.name}, lr {config.optim.lr}, weight decay {config.optim.weight_decay}, "
+             f"{config.train.epochs} epoch(s)",
+             "", "## Training", "",
+             f"- steps: {last['step']} (newest checkpoint: {ckpt.name if ckpt else 'none'})",
+             f"- time in training steps: {train_seconds(run_dir / 'metrics.jsonl', patches_per_step):.1f} s"]
+    if rates:
+        lines.append(f"- throughput: median {rates[len(rates) // 2]:,.0f} patches/s")
+    parts = ", ".join(f"{k} {last[k]:.4g}" for k in _loss_keys(rows))
+    lines.append(f"- final step: {parts}")
+    online = run_dir / "online_probe.json"
+    if online.exists():
+        acc = json.loads(online.read_text(encoding="utf-8"))["test_acc"]
+        lines.append(f"- online linear probe, test split: {100 * acc:.2f} %")
+    evaluation = run_dir / "eval.json"
+    if evaluation.exists():
+        report = json.loads(evaluation.read_text(encoding="utf-8"))
+        lines += ["", f"## Evaluation (`eval.json`, step {report.get('step')})", "", *_eval_lines(report)]
+    else:
+        lines += ["", "## Evaluation", "", f"Not evaluated yet: `onepoch eval {run_dir}`."]
+    lines += ["", "## Figures", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in figures]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    log(f"wrote {path} and {len(figures)} figure(s)")
+    return path

@@ -1,0 +1,143 @@
+"""`onepoch compare`: cells, budgets, tables, plots, and picking up after an interruption."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+from PIL import Image
+from test_train import make_blobs
+
+import onepoch.train
+from onepoch.cli import main
+from onepoch.compare import cell_epochs, format_markdown, load_compare_config, plan_cells
+from onepoch.errors import ConfigError
+
+TINY_CELL = ["model.arch=resnet10", "model.width=0.0625", "views.size=8", "data.batch_size=8", "data.limit=32",
+             "data.test_limit=32", "train.threads=1", "train.checkpoint_every=100", "optim.warmup_steps=0",
+             "eval.linear_epochs=[2]", "eval.linear_weight_decays=[0.0]", "eval.knn_k=5", "eval.batch_size=64"]
+
+
+def write_recipe(tmp_path, root, **extra):
+    recipe = {
+        "name": "tiny",
+        "data": {"root": str(root)},
+        "methods": [
+            {"recipe": "emp_ssl/fashion_mnist_demo",
+             "overrides": ["method.pre_feature=32", "method.projector=32-16", "views.count=4"]},
+            {"recipe": "simclr/fashion_mnist_1epoch", "overrides": ["method.projector=32-16"]},
+        ],
+        "budget": "epochs", "budgets": [1, 2], "seeds": [0, 1],
+        "eval": {"features": ["full", "map2x2"], "probes": ["linear", "knn"]},
+        "overrides": TINY_CELL, "random_init": True, "out": str(tmp_path / "runs"),
+    }
+    recipe.update(extra)
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_compare_config_errors(tmp_path):
+    path = write_recipe(tmp_path, tmp_path)
+    with pytest.raises(ConfigError, match="unknown config key 'seedz'.*did you mean 'seeds'"):
+        load_compare_config(path, ["seedz=[1]"])
+    with pytest.raises(ConfigError, match="unknown budget 'epoch'.*did you mean 'epochs'"):
+        load_compare_config(path, ["budget=epoch"])
+    with pytest.raises(ConfigError, match="at least one entry in methods"):
+        load_compare_config(path, ["methods=[]"])
+    with pytest.raises(ConfigError, match="two methods share a label"):
+        load_compare_config(path, ["methods=[simclr/fashion_mnist_1epoch, {recipe: vicreg/fashion_mnist_1epoch, "
+                                   "label: simclr}]"])
+    with pytest.raises(ConfigError, match="recipe 'simclr/nope' not found"):
+        load_compare_config(path, ["methods=[simclr/nope]"])
+    with pytest.raises(ConfigError, match="budgets must be a non-empty list of positive numbers"):
+        load_compare_config(path, ["budgets=[0]"])
+
+
+def test_labels_fall_back_to_the_recipe_when_two_entries_share_a_method(tmp_path):
+    config = load_compare_config(write_recipe(tmp_path, tmp_path),
+                                 ["methods=[swav/fashion_mnist_1epoch, swav/fashion_mnist_multicrop, byol/cifar10]"])
+    assert [c.label for c in plan_cells(config)][::4] == ["swav-fashion_mnist_1epoch", "swav-fashion_mnist_multicrop",
+                                                          "byol"]
+
+
+def test_budgets_in_patch_passes_and_seconds(tmp_path, monkeypatch):
+    root = make_blobs(tmp_path / "blobs")
+    config = load_compare_config(write_recipe(tmp_path, root), ["budget=patch_passes", "budgets=[8]"])
+    emp, simclr = plan_cells(config)[0], plan_cells(config)[2]
+    assert (cell_epochs(config, emp), cell_epochs(config, simclr)) == (2.0, 4.0)  # 4 and 2 views per image
+
+    config = load_compare_config(write_recipe(tmp_path, root), ["budget=seconds", "budgets=[3]", "calibration_steps=4"])
+    cell = plan_cells(config)[0]
+    epochs = cell_epochs(config, cell, log=lambda *_: None)
+    known = json.loads((config.dir / "calibration.json").read_text())
+    assert epochs == pytest.approx(3 / (known["emp_ssl"]["seconds_per_step"] * 4))  # 32 images / 8 per step
+    assert not (config.dir / "_calibration" / "emp_ssl").exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the calibration should have been reused")
+
+    monkeypatch.setattr(onepoch.train, "train", no_training)
+    assert cell_epochs(config, cell) == epochs
+
+
+def test_compare_writes_tables_and_plots_and_resumes(tmp_path, monkeypatch, capsys):
+    root = make_blobs(tmp_path / "blobs")
+    path = write_recipe(tmp_path, root)
+    assert main(["compare", str(path)]) == 0
+    out = tmp_path / "runs" / "tiny"
+    report = json.loads((out / "compare.json").read_text())
+    assert len(report["cells"]) == 2 * 2 * 2 + 2    # methods x budgets x seeds, + random init per seed
+    by_key = {(c["label"], c["budget"], c["seed"]): c for c in report["cells"]}
+    assert by_key[("simclr", 2.0, 1)]["steps"] == 8 and by_key[("emp_ssl", 1.0, 0)]["patch_passes"] == 4
+    assert by_key[("random init", 0.0, 0)]["train_seconds"] == 0
+
+    md = (out / "compare.md").read_text()
+    assert md.startswith("# Comparison `tiny`")
+    assert "| method | epochs | train time (s) | online probe | linear (full) | k-NN (full) | linear (map2x2) |" in md
+    table_rows = [line for line in md.splitlines() if line.startswith("| emp_ssl |")]
+    assert len(table_rows) == 2 + 4 and all("±" in row for row in table_rows[:2])  # 2 budgets; then 4 by-budget tables
+    assert "| random init |" in md and "by budget" in md
+    for name in ("acc_vs_epochs", "acc_vs_seconds", "acc_vs_patch_passes"):
+        with Image.open(out / f"{name}.png") as im:
+            im.verify()
+
+    # Interrupted: one cell lost its summary (killed during evaluation), another its whole run directory.
+    (out / "emp_ssl_ep2_seed1" / "cell.json").unlink()
+    lost = by_key[("simclr", 1.0, 0)]
+    shutil.rmtree(out / "simclr_ep1_seed0")
+    (out / "compare.md").unlink()
+    calls = []
+    real_train = onepoch.train.train
+
+    def counting_train(config, **kwargs):
+        calls.append((config.name, kwargs.get("resume", False)))
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(onepoch.train, "train", counting_train)
+    capsys.readouterr()
+    assert main(["compare", str(path)]) == 0
+    assert sorted(calls) == [("emp_ssl_ep2_seed1", True), ("simclr_ep1_seed0", False)]
+    again = json.loads((out / "compare.json").read_text())
+    redone = {(c["label"], c["budget"], c["seed"]): c for c in again["cells"]}[("simclr", 1.0, 0)]
+    assert accuracies(redone) == accuracies(lost)     # deterministic: the same numbers again
+    assert [accuracies(c) for c in again["cells"]] == [accuracies(c) for c in report["cells"]]
+    assert len((out / "compare.md").read_text().splitlines()) == len(md.splitlines())
+
+
+def accuracies(summary):
+    return {(f, p): r["test_acc"] for f, entry in summary["results"].items() for p, r in entry.items()
+            if isinstance(r, dict) and "test_acc" in r}
+
+
+def test_markdown_table_from_summaries(tmp_path):
+    def cell(label, budget, seed, acc):
+        return {"label": label, "method": label, "budget": budget, "seed": seed, "epochs": budget,
+                "train_seconds": 10.0 * budget, "online_probe_test_acc": 0.5, "patch_passes": 2 * budget,
+                "results": {"full": {"linear": {"test_acc": acc}}}}
+
+    config = load_compare_config(write_recipe(tmp_path, tmp_path, budgets=[1]), [])
+    md = format_markdown(config, [cell("a", 1.0, 0, 0.80), cell("a", 1.0, 1, 0.90), cell("b", 1.0, 0, 0.70)])
+    assert "| a | 1.000 ± 0.000 | 10 ± 0 | 50.00 ± 0.00 | 85.00 ± 7.07 |" in md
+    assert "| b | 1.000 | 10 | 50.00 | 70.00 |" in md
+
