@@ -14,8 +14,9 @@ from onepoch.compare import cell_epochs, format_markdown, load_compare_config, p
 from onepoch.errors import ConfigError
 
 TINY_CELL = ["model.arch=resnet10", "model.width=0.0625", "views.size=8", "data.batch_size=8", "data.limit=32",
-             "data.test_limit=32", "train.threads=1", "train.checkpoint_every=100", "optim.warmup_steps=0",
-             "eval.linear_epochs=[2]", "eval.linear_weight_decays=[0.0]", "eval.knn_k=5", "eval.batch_size=64"]
+             "data.test_limit=32", "train.threads=1", "train.checkpoint_every=100", "optim.warmup_steps=0"]
+TINY_EVAL = {"features": ["full", "map2x2"], "probes": ["linear", "knn"], "linear_epochs": [2],
+             "linear_weight_decays": [0.0], "knn_k": [5], "knn_temperature": [0.07], "batch_size": 64}
 
 
 def write_recipe(tmp_path, root, **extra):
@@ -28,7 +29,7 @@ def write_recipe(tmp_path, root, **extra):
             {"recipe": "simclr/fashion_mnist_1epoch", "overrides": ["method.projector=32-16"]},
         ],
         "budget": "epochs", "budgets": [1, 2], "seeds": [0, 1],
-        "eval": {"features": ["full", "map2x2"], "probes": ["linear", "knn"]},
+        "eval": TINY_EVAL,
         "overrides": TINY_CELL, "random_init": True, "out": str(tmp_path / "runs"),
     }
     recipe.update(extra)
@@ -59,6 +60,16 @@ def test_labels_fall_back_to_the_recipe_when_two_entries_share_a_method(tmp_path
                                  ["methods=[swav/fashion_mnist_1epoch, swav/fashion_mnist_multicrop, byol/cifar10]"])
     assert [c.label for c in plan_cells(config)][::4] == ["swav-fashion_mnist_1epoch", "swav-fashion_mnist_multicrop",
                                                           "byol"]
+
+
+def test_every_cell_gets_the_same_eval_protocol(tmp_path):
+    from onepoch.runconfig import load_config
+
+    config = load_compare_config(write_recipe(tmp_path, tmp_path), ["eval={probes: [knn]}", "overrides=[]"])
+    protocols = {repr(load_config(c.recipe, c.overrides).eval) for c in plan_cells(config)}
+    assert len(protocols) == 1
+    # ... the defaults, not the recipe's own eval keys (the EMP-SSL demo recipe pins knn_k: 20)
+    assert load_config(plan_cells(config)[0].recipe, plan_cells(config)[0].overrides).eval.knn_k == (10, 20, 50)
 
 
 def test_budgets_in_patch_passes_and_seconds(tmp_path, monkeypatch):
@@ -141,3 +152,26 @@ def test_markdown_table_from_summaries(tmp_path):
     assert "| a | 1.000 ± 0.000 | 10 ± 0 | 50.00 ± 0.00 | 85.00 ± 7.07 |" in md
     assert "| b | 1.000 | 10 | 50.00 | 70.00 |" in md
 
+
+
+def test_a_changed_eval_protocol_reevaluates_without_retraining(tmp_path, monkeypatch, capsys):
+    root = make_blobs(tmp_path / "blobs")
+    path = write_recipe(tmp_path, root, methods=["simclr/fashion_mnist_1epoch"], budgets=[1], seeds=[0],
+                        random_init=False, overrides=[*TINY_CELL, "method.projector=32-16"])
+    assert main(["compare", str(path)]) == 0
+    cell = tmp_path / "runs" / "tiny" / "simclr_ep1_seed0" / "cell.json"
+    first = json.loads(cell.read_text())
+    calls = []
+    real_train = onepoch.train.train
+
+    def counting_train(config, **kwargs):
+        calls.append(kwargs.get("resume", False))
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(onepoch.train, "train", counting_train)
+    assert main(["compare", str(path)]) == 0 and calls == []            # same protocol: reused as is
+    assert main(["compare", str(path), "eval.probes=[knn]", "eval.knn_k=[3]"]) == 0
+    assert calls == [True]                                               # resumed (nothing to train), evaluated again
+    again = json.loads(cell.read_text())
+    assert again["eval"]["knn_k"] == [3] and set(again["results"]["full"]) == {"knn", "embed_seconds", "dim"}
+    assert again["results"]["full"]["knn"]["chosen"]["k"] == 3 and again["steps"] == first["steps"]

@@ -91,7 +91,7 @@ def test_train_writes_run_dir_and_resume_continues_exactly(tmp_path, blobs):
     final = final_state["model"]
 
     # The same run stopped after 5 steps (checkpoint at 3 and 5), then resumed: identical weights.
-    config2 = tiny_config(tmp_path, blobs, "train.epochs=2", "name=t2")
+    config2 = tiny_config(tmp_path, blobs, "train.epochs=2", "name=t2", "eval.knn_k=7")  # eval keys may differ
     part = train(load_config(None, [*TINY, f"data.root={blobs}", f"train.out={tmp_path / 'runs'}", "name=t2",
                                     "train.epochs=2", "train.max_steps=5"]), progress_bar=False)
     assert part.steps == 5

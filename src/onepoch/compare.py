@@ -8,15 +8,16 @@ A compare recipe (``configs/compare/*.yaml``)::
     budget: epochs                             # epochs | patch_passes | seconds
     budgets: [1]
     seeds: [0]
-    eval: {features: [full, map2x2], probes: [linear, knn]}   # the same protocol for every method
+    eval: {features: [full, map2x2], probes: [linear, knn]}   # the protocol of every cell (other eval
+                                                               # keys: EvalConfig's defaults, not the recipes')
     overrides: []                              # any other KEY=VALUE for every cell
     random_init: true                          # also evaluate the network at its initialisation
 
 Each cell (method x budget x seed) is a run directory ``<out>/<name>/<label>_<budget><value>_seed<s>``
 trained with ``onepoch.train`` and evaluated with ``onepoch.eval``; its summary goes to ``cell.json``
-(written last, atomically). A cell with a ``cell.json`` is reused; a cell with a run directory but no
-``cell.json`` is resumed from its last checkpoint. So a killed compare, run again, does only the
-cells not yet done.
+(written last, atomically). A cell with a ``cell.json`` of the same eval protocol is reused (of
+another protocol: evaluated again, not retrained); a cell with a run directory but no ``cell.json``
+is resumed from its last checkpoint. So a killed compare, run again, does only the cells not yet done.
 
 Budgets: ``epochs`` sets ``train.epochs``; ``patch_passes`` P gives every method P / (views per
 image) epochs (the same number of view images through the backbone; views of different sizes count
@@ -160,9 +161,18 @@ def _budget_tag(kind: str, value: float) -> str:
     return {"epochs": f"ep{text}", "patch_passes": f"pp{text}", "seconds": f"s{text}"}[kind]
 
 
+def eval_protocol(config: CompareConfig) -> dict[str, Any]:
+    """Every eval key, not only those the compare recipe gives: each cell gets exactly the same
+    protocol, whatever its own recipe says (JSON-plain values)."""
+    from onepoch.runconfig import EvalConfig
+
+    protocol = asdict(dataclass_from_dict(EvalConfig, config.eval, where="eval"))
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in protocol.items()}
+
+
 def _cell_overrides(config: CompareConfig, entry: MethodEntry, seed: int, run_dir: Path) -> list[str]:
     out = [f"data.{k}={json.dumps(v)}" for k, v in config.data.items()]
-    out += [f"eval.{k}={json.dumps(v)}" for k, v in config.eval.items()]
+    out += [f"eval.{k}={json.dumps(v)}" for k, v in eval_protocol(config).items()]
     out += [*config.overrides, *entry.overrides]
     out += [f"seed={seed}", f"name={run_dir.name}", f"train.out={run_dir.parent}"]
     return out
@@ -256,15 +266,19 @@ def run_cell(config: CompareConfig, cell: Cell, log=print) -> dict[str, Any]:
     from onepoch.train import train
 
     done = cell.run_dir / "cell.json"
+    protocol = eval_protocol(config)
     if done.exists():
-        return json.loads(done.read_text(encoding="utf-8"))
+        summary = json.loads(done.read_text(encoding="utf-8"))
+        if summary.get("eval") == protocol:
+            return summary
+        log(f"{cell.key}: the eval protocol changed since it was evaluated; evaluating it again")
     epochs = cell_epochs(config, cell, log)
     run_config = load_config(cell.recipe, [*cell.overrides, f"train.epochs={epochs!r}"])
     resume = (cell.run_dir / "config.yaml").exists()
     log(f"{'resuming' if resume else 'training'} {cell.key}: {run_config.method['name']}, "
         f"{epochs:.4g} epoch(s), seed {cell.seed}")
     result = train(run_config, resume=resume)
-    report = evaluate_run(cell.run_dir, log=log)
+    report = evaluate_run(cell.run_dir, overrides={f"eval.{k}": v for k, v in protocol.items()}, log=log)
     views = _views_per_image(run_config)
     online_path = cell.run_dir / "online_probe.json"
     online = json.loads(online_path.read_text(encoding="utf-8"))["test_acc"] if online_path.exists() else None
@@ -275,7 +289,7 @@ def run_cell(config: CompareConfig, cell: Cell, log=print) -> dict[str, Any]:
         "epochs": result.steps / steps_per_epoch, "steps": result.steps,
         "patch_passes": result.steps / steps_per_epoch * views,
         "train_seconds": train_seconds(cell.run_dir / "metrics.jsonl", run_config.data.batch_size * views),
-        "online_probe_test_acc": online, "results": report["results"],
+        "online_probe_test_acc": online, "results": report["results"], "eval": protocol,
     }
     atomic_write_text(done, json.dumps(summary, indent=2) + "\n")
     return summary
@@ -291,8 +305,11 @@ def run_random_init(config: CompareConfig, seed: int, log=print) -> dict[str, An
 
     run_dir = config.dir / f"random_init_seed{seed}"
     done = run_dir / "cell.json"
+    protocol = eval_protocol(config)
     if done.exists():
-        return json.loads(done.read_text(encoding="utf-8"))
+        summary = json.loads(done.read_text(encoding="utf-8"))
+        if summary.get("eval") == protocol:
+            return summary
     entry = method_entries(config)[0]
     run_config = load_config(entry.recipe, _cell_overrides(config, entry, seed, run_dir))
     device = pick_device(run_config.train.device)
@@ -305,7 +322,7 @@ def run_random_init(config: CompareConfig, seed: int, log=print) -> dict[str, An
                              spec=spec, log=log)
     summary = {"label": "random init", "recipe": entry.recipe, "method": "random_init", "budget_kind": config.budget,
                "budget": 0.0, "seed": seed, "run_dir": str(run_dir), "epochs": 0.0, "steps": 0, "patch_passes": 0.0,
-               "train_seconds": 0.0, "online_probe_test_acc": None, "results": results}
+               "train_seconds": 0.0, "online_probe_test_acc": None, "results": results, "eval": protocol}
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(done, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -242,8 +242,12 @@ def _prepare_run_dir(config: RunConfig, resume: bool) -> Path:
 
 
 def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The keys whose values differ, except those that do not change training (eval.*, and
+    train.max_steps / device / threads / out)."""
     keys = []
     for k in sorted(set(old) | set(new)):
+        if not prefix and k == "eval":
+            continue
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += _config_diff(a, b, f"{prefix}{k}.")
