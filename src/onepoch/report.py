@@ -91,7 +91,8 @@ def save_views_figure(path: Path, originals, groups: list[torch.Tensor], *, scal
     view size (smaller crops enlarged without smoothing)."""
     from onepoch.plots import image_grid
 
-    originals = torch.from_numpy(np.array(originals))  # a copy: memory-mapped splits are read-only
+    if not isinstance(originals, torch.Tensor):
+        originals = torch.from_numpy(np.array(originals))  # a copy: memory-mapped splits are read-only
     n, c = originals.shape[0], originals.shape[-1]
     size = max(g.shape[-1] for g in groups)
     tiles = [torch.nn.functional.interpolate(g.flatten(0, 1).float(), size=(size, size), mode="nearest").view(
