@@ -236,7 +236,7 @@ def _calibrate(config: CompareConfig, cell: Cell, log) -> float:
     scratch = config.dir / "_calibration"
     shutil.rmtree(scratch / cell.label, ignore_errors=True)
     run_config = load_config(cell.recipe, [*cell.overrides, f"train.out={scratch}", f"name={cell.label}",
-                                           f"train.max_steps={config.calibration_steps}", "train.online_probe=false"])
+                                           f"train.max_steps={config.calibration_steps}"])
     log(f"calibrating {cell.label}: {config.calibration_steps} steps to measure the time per step")
     train(run_config, progress_bar=False)
     per_patch = step_seconds(run_config.run_dir / "metrics.jsonl")
