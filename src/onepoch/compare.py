@@ -44,6 +44,7 @@ from typing import Any
 from onepoch.atomic import atomic_write_text
 from onepoch.config import dataclass_from_dict
 from onepoch.errors import ConfigError
+from onepoch.runconfig import views_per_image
 
 BUDGET_KINDS = ("epochs", "patch_passes", "seconds")
 COMPARE_KEYS = ("name", "data", "methods", "budget", "budgets", "seeds", "eval", "overrides", "random_init", "out",
@@ -189,13 +190,6 @@ def plan_cells(config: CompareConfig) -> list[Cell]:
     return cells
 
 
-def _views_per_image(run_config) -> int:
-    from onepoch.runconfig import view_groups
-    from onepoch.views import load_view_spec
-
-    return sum(load_view_spec(preset, keys).count for preset, keys in view_groups(run_config.views))
-
-
 def _steps_per_epoch(run_config) -> int:
     from onepoch.data.prepared import open_split
 
@@ -240,7 +234,7 @@ def _calibrate(config: CompareConfig, cell: Cell, log) -> float:
     log(f"calibrating {cell.label}: {config.calibration_steps} steps to measure the time per step")
     train(run_config, progress_bar=False)
     per_patch = step_seconds(run_config.run_dir / "metrics.jsonl")
-    seconds = per_patch * run_config.data.batch_size * _views_per_image(run_config)
+    seconds = per_patch * run_config.data.batch_size * views_per_image(run_config.views)
     shutil.rmtree(scratch / cell.label, ignore_errors=True)
     known[cell.label] = {"seconds_per_step": seconds, "steps": config.calibration_steps}
     atomic_write_text(path, json.dumps(known, indent=2) + "\n")
@@ -255,7 +249,7 @@ def cell_epochs(config: CompareConfig, cell: Cell, log=print) -> float:
         return cell.budget
     run_config = load_config(cell.recipe, cell.overrides)
     if config.budget == "patch_passes":
-        return cell.budget / _views_per_image(run_config)
+        return cell.budget / views_per_image(run_config.views)
     return cell.budget / (_calibrate(config, cell, log) * _steps_per_epoch(run_config))
 
 
@@ -279,7 +273,7 @@ def run_cell(config: CompareConfig, cell: Cell, log=print) -> dict[str, Any]:
         f"{epochs:.4g} epoch(s), seed {cell.seed}")
     result = train(run_config, resume=resume)
     report = evaluate_run(cell.run_dir, overrides={f"eval.{k}": v for k, v in protocol.items()}, log=log)
-    views = _views_per_image(run_config)
+    views = views_per_image(run_config.views)
     online_path = cell.run_dir / "online_probe.json"
     online = json.loads(online_path.read_text(encoding="utf-8"))["test_acc"] if online_path.exists() else None
     steps_per_epoch = _steps_per_epoch(run_config)

@@ -129,6 +129,27 @@ def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> float:
 # split
 
 
+def _check_grid_values(weight_decays: list[float], epochs: list[int], lr: float) -> None:
+    """The checks linear_probe and mlp_probe share: weight decays, epoch counts (sorted), lr."""
+    if any(not math.isfinite(w) or w < 0 for w in weight_decays):
+        raise ConfigError(f"weight decays must be finite and >= 0, got {weight_decays}")
+    if epochs[0] < 1:
+        raise ConfigError(f"epoch counts must be >= 1, got {epochs}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"lr must be > 0, got {lr}")
+
+
+def _train_val_rows(train_y: torch.Tensor, val_fraction: float, seed: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(labels on the CPU, training rows, validation rows) of the stratified split; an empty
+    validation split is a ConfigError."""
+    y_cpu = train_y.detach().to("cpu", torch.int64)
+    tr, va = stratified_split(y_cpu, val_fraction, seed)
+    if va.shape[0] == 0:
+        raise ConfigError("the validation split is empty: every class has a single training sample")
+    return y_cpu, tr, va
+
+
 def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices ``(train_idx, val_idx)`` (sorted, int64, on ``labels.device``) of a per-class split.
 
@@ -306,21 +327,13 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     eps = sorted({int(e) for e in epochs})
     if not wds or not eps:
         raise ConfigError("linear_probe needs at least one weight decay and one epoch count (empty grid)")
-    if any(not math.isfinite(w) or w < 0 for w in wds):
-        raise ConfigError(f"weight decays must be finite and >= 0, got {list(weight_decays)}")
-    if eps[0] < 1:
-        raise ConfigError(f"epoch counts must be >= 1, got {list(epochs)}")
+    _check_grid_values(wds, eps, lr)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"lr must be > 0, got {lr}")
     num_classes = _resolve_classes(train_y, num_classes)
     dev = torch.device(device) if device is not None else train_x.device
 
-    y_cpu = train_y.detach().to("cpu", torch.int64)
-    tr, va = stratified_split(y_cpu, val_fraction, seed)
-    if va.shape[0] == 0:
-        raise ConfigError("the validation split is empty: every class has a single training sample")
+    y_cpu, tr, va = _train_val_rows(train_y, val_fraction, seed)
     gen = torch.Generator().manual_seed(int(seed))
     x = torch.empty(train_x.shape, dtype=torch.float32, device=dev)
 
@@ -484,21 +497,13 @@ def mlp_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor
         raise ConfigError(f"hidden widths must be >= 1, got {widths}")
     if any(not 0.0 <= p < 1.0 for p in drops):
         raise ConfigError(f"dropouts must be in [0, 1), got {drops}")
-    if any(not math.isfinite(w) or w < 0 for w in wds):
-        raise ConfigError(f"weight decays must be finite and >= 0, got {wds}")
-    if eps[0] < 1:
-        raise ConfigError(f"epoch counts must be >= 1, got {eps}")
+    _check_grid_values(wds, eps, lr)
     if batch_size < 2:
         raise ConfigError(f"batch_size must be >= 2 (BatchNorm), got {batch_size}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"lr must be > 0, got {lr}")
     num_classes = _resolve_classes(train_y, num_classes)
     dev = torch.device(device) if device is not None else train_x.device
 
-    y_cpu = train_y.detach().to("cpu", torch.int64)
-    tr, va = stratified_split(y_cpu, val_fraction, seed)
-    if va.shape[0] == 0:
-        raise ConfigError("the validation split is empty: every class has a single training sample")
+    y_cpu, tr, va = _train_val_rows(train_y, val_fraction, seed)
     if tr.shape[0] < 2:
         raise ConfigError("mlp_probe needs at least 2 training rows outside the validation split")
     x = torch.empty(train_x.shape, dtype=torch.float32, device=dev)

@@ -70,16 +70,16 @@ def write_curves(run_dir: Path, rows: list[dict[str, Any]], smooth: int) -> list
 
     keys = _loss_keys(rows)
     plots = [
-        ("curves_loss.png", [series(k, window=smooth) for k in keys], "loss and its parts", False),
-        ("curves_lr.png", [series("lr", "learning rate")], "learning rate", False),
+        ("curves_loss.png", [series(k, window=smooth) for k in keys], "loss and its parts"),
+        ("curves_lr.png", [series("lr", "learning rate")], "learning rate"),
         ("curves_online_probe.png", [series("online_probe_acc", "online probe (batch accuracy)", smooth)]
-         if any("online_probe_acc" in r for r in rows) else [], "online probe accuracy", False),
-        ("curves_throughput.png", [series("patches_per_s", "patches/s", smooth)], "patches (views) per second", False),
+         if any("online_probe_acc" in r for r in rows) else [], "online probe accuracy"),
+        ("curves_throughput.png", [series("patches_per_s", "patches/s", smooth)], "patches (views) per second"),
     ]
-    for filename, data, ylabel, logy in plots:
+    for filename, data, ylabel in plots:
         path = run_dir / filename
         line_plot(path, data, title=f"{name}: {ylabel}" + (f" ({smooth}-step mean)" if smooth > 1 else ""),
-                  xlabel="step", ylabel=ylabel, logy=logy)
+                  xlabel="step", ylabel=ylabel)
         paths.append(path)
     return paths
 
@@ -186,11 +186,12 @@ def write_report(run_dir: str | Path, *, smooth: int = 20, log=print) -> Path:
         load_model_state(model, state, ckpt)
         figures.append(write_embedding(run_dir, config, model, test_split))
 
-    from onepoch.compare import _views_per_image, train_seconds
+    from onepoch.compare import train_seconds
+    from onepoch.runconfig import views_per_image
 
     last = rows[-1]
     rates = sorted(r["patches_per_s"] for r in rows if r.get("patches_per_s"))
-    patches_per_step = config.data.batch_size * _views_per_image(config)
+    patches_per_step = config.data.batch_size * views_per_image(config.views)
     lines = [f"# Run `{run_dir.name}`", "",
              f"- method: **{config.method['name']}** "
              f"({', '.join(f'{k}={v}' for k, v in config.method.items() if k != 'name')})",

@@ -276,6 +276,13 @@ def build_config(data: dict[str, Any]) -> RunConfig:
     return RunConfig(**values)
 
 
+def views_per_image(views: dict[str, Any]) -> int:
+    """Views of each image per step, over all view groups of a ``views`` section."""
+    from onepoch.views import load_view_spec
+
+    return sum(load_view_spec(preset, keys).count for preset, keys in view_groups(views))
+
+
 def view_groups(views: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
     """The ``(preset, keys)`` of each view group of a ``views`` section.
 
