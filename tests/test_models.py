@@ -54,3 +54,27 @@ def test_mlp_from_spec():
     for bad in ("4096-x", "0-3", ""):
         with pytest.raises(ConfigError, match="MLP spec"):
             parse_mlp_spec(bad)
+
+
+def test_strided_1x1_shortcut_matches_conv2d_on_narrow_channels_last_input():
+    """The CPU path of the shortcut conv (subsample, then a stride-1 1x1 conv) gives nn.Conv2d's
+    values and gradients; on torch 2.13's CPU build the plain strided kernel corrupts the heap here."""
+    import torch.nn.functional as F
+
+    from onepoch.models import Conv1x1
+
+    torch.manual_seed(0)
+    conv = Conv1x1(4, 8, stride=2).to(memory_format=torch.channels_last)
+    x = torch.randn(6, 4, 9, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = conv(x)
+    gy = torch.randn_like(y)
+    (y * gy).sum().backward()
+    xr = x.detach().contiguous().requires_grad_()
+    wr = conv.weight.detach().clone().requires_grad_()
+    yr = F.conv2d(xr, wr, stride=2)  # NCHW reference: a kernel that is fine
+    (yr * gy).sum().backward()
+    assert y.shape == yr.shape == (6, 8, 5, 5)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(conv.weight.grad, wr.grad, rtol=1e-5, atol=1e-5)
+    assert [n for n, _ in conv.named_parameters()] == ["weight"]

@@ -27,8 +27,28 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
 
+class Conv1x1(nn.Conv2d):
+    """A bias-free 1x1 convolution (a block's projection shortcut); ``nn.Conv2d`` in all but one path.
+
+    With stride s > 1 on a CPU tensor it computes the same thing as ``conv1x1(x[:, :, ::s, ::s])`` at
+    stride 1 (a 1x1 kernel without padding reads only those pixels). The CPU builds of torch 2.13 corrupt
+    the heap in the backward pass of a strided 1x1 convolution on channels_last input with fewer than 8
+    input channels on one thread (narrow networks such as ResNet-10 at width 1/16); the stride-1 form
+    avoids that kernel. Parameter names and shapes are ``nn.Conv2d``'s.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__(cin, cout, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stride
+        if x.device.type == "cpu" and s != (1, 1):
+            return nn.functional.conv2d(x[:, :, ::s[0], ::s[1]], self.weight)
+        return super().forward(x)
+
+
 def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+    return Conv1x1(cin, cout, stride)
 
 
 class BasicBlock(nn.Module):
