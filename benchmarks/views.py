@@ -10,6 +10,7 @@ on CPU, also with one thread, for a per-core comparison).
 
     python benchmarks/views.py                      # synthetic 32x32 images
     python benchmarks/views.py --data data/cifar10  # the first images of a prepared dataset
+    python benchmarks/views.py --smoke              # seconds: checks that it runs
 """
 
 from __future__ import annotations
@@ -150,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=5.0,
                     help=f"minimum time per measurement, split into {ROUNDS} rounds (default 5)")
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--smoke", action="store_true", help="8 images, 2 patches, 0.05 s per measurement: checks that it runs")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.batch, args.patches, args.seconds = 8, 2, 0.05
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))

@@ -70,7 +70,13 @@ def test_onepoch_eval_writes_eval_json(tmp_path, blobs, capsys):  # noqa: F811
     assert report["step"] == 4 and report["checkpoint"] == "step_0000004.pt"
     assert set(report["results"]) == {"full", "map2x2"}
     for entry in report["results"].values():
-        assert 0 <= entry["linear"]["test_acc"] <= 1 and entry["knn"]["chosen"]["k"] == 5
+        assert entry["knn"]["chosen"]["k"] == 5
+    # The blobs' class is the position of a bright square: the whole-image features of even a barely
+    # trained network separate it (measured over 3 data seeds: full 0.78-1.0, map2x2 0.88-1.0, linear
+    # and k-NN); chance is 0.25, and 0.6 of 32 test images is 4 binomial standard deviations above it.
+    assert report["results"]["map2x2"]["linear"]["test_acc"] >= 0.75
+    assert report["results"]["map2x2"]["knn"]["test_acc"] >= 0.75
+    assert report["results"]["full"]["linear"]["test_acc"] >= 0.6
     out = capsys.readouterr().out
     assert "linear %" in out and "map2x2" in out
     assert main(["eval", str(tmp_path / "nothing")]) == 2

@@ -28,6 +28,47 @@ def test_lars_step_matches_the_formula():
     assert torch.allclose(b.detach(), b0 - lr * (gb + mu * gb), atol=1e-6)  # 1-D: plain SGD, no decay
 
 
+def test_lars_matches_torch_sgd_with_the_trust_ratio_over_several_steps():
+    """Five steps with changing gradients and learning rates, momentum on: the LARS group equals
+    torch.optim.SGD (Nesterov) fed the trust-ratio-scaled, weight-decayed gradient; the 1-D group
+    equals torch.optim.SGD itself (no decay, no trust ratio). A tensor that misses its gradient at
+    one step keeps its momentum buffer untouched, as in SGD."""
+    torch.manual_seed(0)
+    shapes = [(8, 3), (5, 5, 3, 3), (16,)]
+    lr, wd, trust, mu = 0.5, 1e-2, 0.005, 0.9
+    ours = [nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [nn.Parameter(p.detach().clone()) for p in ours]
+    opt = LARS([{"params": ours[:2]}, {"params": ours[2:], "weight_decay": 0.0, "lars": False}], lr=lr,
+               momentum=mu, weight_decay=wd, trust_coefficient=trust)
+    sgd = torch.optim.SGD(ref, lr=lr, momentum=mu, nesterov=True)
+    scales = []
+    for step in range(5):
+        step_lr = lr * (1 - 0.15 * step)
+        for group in opt.param_groups:
+            group["lr"] = step_lr
+        for group in sgd.param_groups:
+            group["lr"] = step_lr
+        grads = [torch.randn(s) * (10, 1e-3, 1)[i] for i, s in enumerate(shapes)]  # clipped, unclipped, 1-D
+        for i, (p, q, g) in enumerate(zip(ours, ref, grads)):
+            if step == 2 and i == 1:  # no gradient for this tensor at this step
+                p.grad = q.grad = None
+                continue
+            p.grad = g.clone()
+            if i < 2:  # LARS: g + wd*w, scaled by min(trust*|w| / (|g| + wd*|w|) / lr, 1)
+                w_norm, g_norm = q.detach().norm(), g.norm()
+                scale = min((trust * w_norm / (g_norm + wd * w_norm)).item() / step_lr, 1.0)
+                scales.append(scale)
+                q.grad = (g + wd * q.detach()) * scale
+            else:
+                q.grad = g.clone()
+        opt.step()
+        sgd.step()
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    assert min(scales) < 1 and max(scales) == 1  # both sides of the clip were exercised
+    assert ours[0].grad is not None and torch.equal(ours[0].grad, grads[0])  # gradients are left as they were
+
+
 def test_lars_clip_never_raises_the_step():
     w = nn.Parameter(torch.full((2, 2), 100.0))
     opt = LARS([w], lr=0.1, momentum=0.0, weight_decay=0.0, trust_coefficient=0.005)

@@ -192,7 +192,7 @@ def test_loader_errors(toy):
         BatchLoader(open_split(toy), 0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_loader_on_cuda_is_resident(toy):
     loader = BatchLoader(open_split(toy), 8, device="cuda")
     batch = next(iter(loader))

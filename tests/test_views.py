@@ -232,7 +232,7 @@ def test_bad_images_shape_is_rejected():
         make_views(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), EMP)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cpu_and_cuda_give_the_same_views():
     images = natural_images(16)
     for spec in (EMP, MIXED):

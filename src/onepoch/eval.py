@@ -81,17 +81,38 @@ def grid_patches(images_u8: torch.Tensor, crop: int, out_size: int, mean: list[f
     return p, len(tiles)
 
 
+def layer_output(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
+    """The output of ``layer`` for the input ``x``, computing only the layers up to it (the projector
+    only when it is asked for)."""
+    h = model.backbone(x)
+    if layer == "backbone":
+        return h
+    if layer == "pre_feature":
+        return model.pre_feature(h)
+    return model.features(x)[layer]
+
+
+def _chunked(fn, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``fn`` applied to ``x`` in pieces of at most ``rows`` rows, concatenated (float32)."""
+    return torch.cat([fn(part).float() for part in x.split(max(1, rows))])
+
+
 @torch.no_grad()
 def embed_split(model: nn.Module, images, kind: str, *, spec, batch_size: int, device: torch.device,
                 seed: int, amp: bool = False, channels_last: bool = False, progress_desc: str = "",
-                layer: str = "auto") -> torch.Tensor:
+                layer: str = "auto", max_patches: int = 8192) -> torch.Tensor:
     """Features of every image of ``images`` (uint8 NHWC array or tensor) for feature ``kind``;
     float32, on ``device``. ``layer`` (see :func:`representation_layer`) is what ``bag`` averages and
     ``full`` reads (``auto``: the backbone for ``full``); ``map2x2`` and ``grid`` read the backbone.
     ``channels_last``: feed the model NHWC-strided tensors (faster on CPU and CUDA when the model is
-    channels_last too)."""
+    channels_last too).
+
+    Memory is bounded whatever the bag size: at most ``max_patches`` patches (and ``batch_size``
+    images) go through the network at once; a bag's views are drawn for the whole image batch first,
+    so the features do not depend on the chunking. Views are rendered in float32 outside autocast;
+    ``amp`` puts only the network under bf16 autocast."""
     from onepoch.progress import progress
-    from onepoch.views import make_views
+    from onepoch.views import apply_view_params, sample_view_params
 
     model.eval()
     bag_layer = representation_layer(model, layer)
@@ -102,33 +123,49 @@ def embed_split(model: nn.Module, images, kind: str, *, spec, batch_size: int, d
             from onepoch.errors import ConfigError
 
             raise ConfigError(f"eval.layer {wanted!r} does not exist in this model; it has: {', '.join(available)}")
+    if kind not in ("bag", "full", "map2x2", "grid"):
+        raise ValueError(f"unknown feature kind {kind!r}")
     generator = torch.Generator().manual_seed(seed)
     crop = max(1, round(math.sqrt(spec.crop_scale[1]) * min(images.shape[1], images.shape[2])))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
-    def net_input(x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=fmt)
+    def network(layer_name: str):
+        def run(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                return layer_output(model, x.contiguous(memory_format=fmt), layer_name)
+        return run
+
+    def bag(batch: torch.Tensor) -> torch.Tensor:
+        b = batch.shape[0]
+        params = sample_view_params(spec, b, batch.shape[1], batch.shape[2], generator)
+        views_per_pass = max(1, max_patches // b)
+        total = 0
+        for v0 in range(0, spec.count, views_per_pass):
+            rows = slice(v0 * b, min(spec.count, v0 + views_per_pass) * b)
+            views = apply_view_params(batch, params.rows(rows), spec, channels_last=channels_last)
+            total = total + network(bag_layer)(views).float().unflatten(0, (-1, b)).sum(0)
+        return total / spec.count
+
+    def map2x2(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            fmap = model.backbone.forward_map(x.contiguous(memory_format=fmt))
+        return F.adaptive_avg_pool2d(fmap.float(), 2).flatten(1)
 
     out = []
     n = images.shape[0]
     bar = progress(total=n, desc=progress_desc or f"embed {kind}", unit="img")
     for start in range(0, n, batch_size):
         batch = torch.from_numpy(np.array(images[start:start + batch_size])).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            if kind == "bag":
-                views = make_views(batch, spec, generator, channels_last=channels_last)
-                f = model.features(views)[bag_layer].float().view(spec.count, batch.shape[0], -1).mean(0)
-            elif kind == "full":
-                f = model.features(net_input(_normalise(batch, spec.mean, spec.std)))[full_layer].float()
-            elif kind == "map2x2":
-                fmap = model.backbone.forward_map(net_input(_normalise(batch, spec.mean, spec.std)))
-                f = F.adaptive_avg_pool2d(fmap.float(), 2).flatten(1)
-            elif kind == "grid":
-                tiles, count = grid_patches(batch, crop, spec.size, spec.mean, spec.std)
-                f = model.features(net_input(tiles))["backbone"].float().view(count, batch.shape[0], -1)
-                f = f.permute(1, 0, 2).reshape(batch.shape[0], -1)
-            else:
-                raise ValueError(f"unknown feature kind {kind!r}")
+        if kind == "bag":
+            f = bag(batch)
+        elif kind == "full":
+            f = network(full_layer)(_normalise(batch, spec.mean, spec.std)).float()
+        elif kind == "map2x2":
+            f = map2x2(_normalise(batch, spec.mean, spec.std))
+        else:  # grid
+            tiles, count = grid_patches(batch, crop, spec.size, spec.mean, spec.std)
+            f = _chunked(network("backbone"), tiles, max_patches).view(count, batch.shape[0], -1)
+            f = f.permute(1, 0, 2).reshape(batch.shape[0], -1)
         out.append(f.float())
         bar.update(batch.shape[0])
     bar.close()
@@ -143,8 +180,10 @@ def evaluate_model(model: nn.Module, config: RunConfig, *, device: torch.device,
     Returns ``{"<feature>": {"dim": d, "embed_seconds": s, "linear": {...}, "knn": {...}}}``; with
     ``include_raw_pixels`` also ``"raw_pixels"`` (the linear probe on the flattened pixels).
     """
+    from onepoch.train import use_amp
+
     ec = config.eval
-    amp = device.type == "cuda"
+    amp = use_amp(config.train.amp, device)
     channels_last = config.train.channels_last != "off"
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -184,10 +223,10 @@ def evaluate_model(model: nn.Module, config: RunConfig, *, device: torch.device,
         spec_k = spec if kind != "bag" else _with_count(spec, ec.bag_patches)
         ftr = embed_split(model, train_split.images, kind, spec=spec_k, batch_size=ec.batch_size, device=device,
                           seed=ec.seed, amp=amp, channels_last=channels_last, progress_desc=f"embed train ({kind})",
-                          layer=ec.layer)
+                          layer=ec.layer, max_patches=ec.max_patches)
         fte = embed_split(model, test_split.images, kind, spec=spec_k, batch_size=ec.batch_size, device=device,
                           seed=ec.seed + 1, amp=amp, channels_last=channels_last, progress_desc=f"embed test ({kind})",
-                          layer=ec.layer)
+                          layer=ec.layer, max_patches=ec.max_patches)
         embed_s = time.perf_counter() - t0
         results[kind] = run_probes(kind, ftr, fte, ec.probes)
         results[kind]["embed_seconds"] = embed_s

@@ -46,31 +46,36 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if group["lars"]:
-                    w_norm = torch.linalg.vector_norm(p)
-                    g_norm = torch.linalg.vector_norm(g)
-                    ratio = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm)
-                    ok = (w_norm > 0) & (g_norm > 0)
-                    scale = torch.where(ok, torch.clamp(ratio / max(lr, 1e-12), max=1.0), torch.ones_like(ratio))
-                    g = g.add(p, alpha=wd) if wd else g.clone()
-                    g.mul_(scale)
-                elif wd:
-                    g = g.add(p, alpha=wd)
-                if mu:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = g.clone()
-                    else:
-                        buf.mul_(mu).add_(g)
-                    g = g.add(buf, alpha=mu) if group["nesterov"] else buf
-                p.add_(g, alpha=-lr)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update_group(group, params)
         return loss
+
+    def _update_group(self, group: dict, params: list[torch.Tensor]) -> None:
+        """One step of every tensor of a group with a handful of ``torch._foreach_*`` kernels (no
+        per-tensor Python loop of small kernels); the maths is the class docstring's."""
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        grads = [p.grad for p in params]
+        step = torch._foreach_add(grads, params, alpha=wd) if wd else grads  # never modifies p.grad
+        if group["lars"]:
+            w_norm = torch.stack(torch._foreach_norm(params))
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            ratio = group["trust_coefficient"] * w_norm / (g_norm + wd * w_norm)
+            ok = (w_norm > 0) & (g_norm > 0)
+            scale = torch.where(ok, torch.clamp(ratio / max(lr, 1e-12), max=1.0), torch.ones_like(ratio))
+            step = torch._foreach_mul(step, list(scale.to(params[0].dtype).unbind()))
+        if mu:
+            fresh = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
+            for i in fresh:  # first step of a tensor: buf = g
+                self.state[params[i]]["momentum_buffer"] = step[i].clone()
+            old = [i for i in range(len(params)) if i not in set(fresh)]
+            if old:
+                bufs = [self.state[params[i]]["momentum_buffer"] for i in old]
+                torch._foreach_mul_(bufs, mu)
+                torch._foreach_add_(bufs, [step[i] for i in old])
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            step = torch._foreach_add(step, bufs, alpha=mu) if group["nesterov"] else bufs
+        torch._foreach_add_(params, step, alpha=-lr)
 
 
 def split_decay(params: Iterable[tuple[str, nn.Parameter]]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -90,9 +90,19 @@ class TrainConfig:
     threads: int | None = None         # CPU threads (torch.set_num_threads)
     online_probe: bool = True          # a linear classifier on detached backbone features of the first view
     online_probe_lr: float = 1e-3      # its own Adam optimizer
+    log_every: int = 10                # steps between host syncs: metrics lines, progress bar, non-finite check
+    view_steps: int | None = None      # steps of views rendered per call (null: 4 on CUDA, 1 on CPU); same views either way
     out: str = "runs"                  # the run directory is <out>/<name>
+    log_to: tuple[str, ...] | str = ("jsonl",)  # also tensorboard (pip install "onepoch[tensorboard]"):
+                                                # <run dir>/tensorboard; metrics.jsonl is always written
 
     def __post_init__(self):
+        targets = (self.log_to,) if isinstance(self.log_to, str) else tuple(self.log_to)
+        for target in targets:
+            if target not in LOG_TARGETS:
+                raise ConfigError(f"unknown train.log_to entry {target!r}{suggest(target, LOG_TARGETS)}; "
+                                  f"choose from: {', '.join(LOG_TARGETS)}")
+        self.log_to = ("jsonl", *dict.fromkeys(t for t in targets if t != "jsonl"))
         if not self.epochs > 0 or not math.isfinite(self.epochs):
             raise ConfigError(f"train.epochs must be > 0, got {self.epochs}")
         if self.epochs == int(self.epochs):
@@ -101,6 +111,10 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1:
             raise ConfigError("train.checkpoint_every and train.keep_checkpoints must be >= 1")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}")
+        if self.view_steps is not None and self.view_steps < 1:
+            raise ConfigError(f"train.view_steps must be >= 1 or null, got {self.view_steps}")
         for key, choices in (("amp", ("auto", "bf16", "off")), ("channels_last", ("auto", "on", "off"))):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"train.{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
@@ -123,11 +137,15 @@ class EvalConfig:
     mlp_weight_decays: tuple[float, ...] = (0.0,)
     mlp_epochs: tuple[int, ...] = (5, 10)
     batch_size: int = 500              # images per embedding batch
+    max_patches: int = 8192            # most patches through the network at once (bag, grid): bounds memory
     seed: int = 0
 
     def __post_init__(self):
         if self.bag_patches < 1:
             raise ConfigError(f"eval.bag_patches must be >= 1, got {self.bag_patches}")
+        if self.batch_size < 1 or self.max_patches < 1:
+            raise ConfigError(f"eval.batch_size and eval.max_patches must be >= 1, got {self.batch_size} and "
+                              f"{self.max_patches}")
         for key in ("knn_k", "knn_temperature"):
             values = getattr(self, key)
             if isinstance(values, tuple) and not values:
@@ -153,6 +171,7 @@ class EvalConfig:
 
 
 FEATURE_KINDS = ("bag", "full", "map2x2", "grid")
+LOG_TARGETS = ("jsonl", "tensorboard")
 LAYERS = ("auto", "backbone", "pre_feature", "projector")
 PROBE_KINDS = ("linear", "knn", "mlp")
 

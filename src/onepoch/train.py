@@ -89,6 +89,30 @@ def make_view_groups(images: torch.Tensor, specs: list, generator: torch.Generat
             for spec in specs]
 
 
+def step_view_groups(batches: list[torch.Tensor], specs: list, seed: int, first_step: int, *,
+                     channels_last: bool) -> list[list[torch.Tensor]]:
+    """The views of consecutive training steps, rendered in one call per view group.
+
+    ``batches[k]`` is the uint8 batch (B, H, W, C) of step ``first_step + k``. The random parameters
+    of step s, group g come from :func:`onepoch.views.seeded_generator` ``(seed, s, g)``, so the views
+    of a step do not depend on how many steps are rendered together, nor on where a run resumed.
+    Returns, per step, a list of (count, B, C, size, size) per group (float32, outside autocast).
+    """
+    from onepoch.views import apply_view_params, concat_view_params, sample_view_params, seeded_generator
+
+    sizes = [b.shape[0] for b in batches]
+    images = batches[0] if len(batches) == 1 else torch.cat(batches)
+    h, w = images.shape[1], images.shape[2]
+    per_step: list[list[torch.Tensor]] = [[] for _ in batches]
+    for g, spec in enumerate(specs):
+        params = [sample_view_params(spec, n, h, w, seeded_generator(seed, first_step + k, g))
+                  for k, n in enumerate(sizes)]
+        views = apply_view_params(images, concat_view_params(params, sizes), spec, channels_last=channels_last)
+        for k, part in enumerate(views.split([spec.count * n for n in sizes])):
+            per_step[k].append(part.unflatten(0, (spec.count, sizes[k])))
+    return per_step
+
+
 def build_model(config: RunConfig, in_chans: int) -> nn.Module:
     """The method module (backbone + heads) described by the config."""
     from onepoch import methods
@@ -205,6 +229,35 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return paths[-1] if paths else None
 
 
+def _parts_text(parts: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+
+
+_OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    """A device allocation failure: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, _OUT_OF_MEMORY) or (
+        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+
+
+def use_amp(setting: str, device: torch.device) -> bool:
+    """Whether the network runs under bf16 autocast: ``bf16`` on any device (the CPU too, which is how
+    the tests exercise the GPU's autocast path), ``auto`` on CUDA only, ``off`` never.
+
+    The precision policy: views and every augmentation in float32 outside autocast; autocast only
+    around the network; losses in float32 (each loss function turns autocast off for its maths)."""
+    return setting == "bf16" or (setting == "auto" and device.type == "cuda")
+
+
+def fetch_to_host(values: torch.Tensor) -> list:
+    """The training loop's one device-to-host synchronisation (``values.tolist()``). The loop calls it
+    when it logs (every ``train.log_every`` steps, before a checkpoint, at the end), never per step, so
+    that on a GPU the host queues steps ahead of the device."""
+    return values.tolist()
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
@@ -241,9 +294,13 @@ def _prepare_run_dir(config: RunConfig, resume: bool) -> Path:
     return run_dir
 
 
+# train.* keys that do not change what is computed: a resumed run may change them
+_RESUMABLE_TRAIN_KEYS = ("max_steps", "device", "threads", "out", "log_every", "view_steps")
+
+
 def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     """The keys whose values differ, except those that do not change training (eval.*, and
-    train.max_steps / device / threads / out)."""
+    the train keys of ``_RESUMABLE_TRAIN_KEYS``)."""
     keys = []
     for k in sorted(set(old) | set(new)):
         if not prefix and k == "eval":
@@ -251,7 +308,7 @@ def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += _config_diff(a, b, f"{prefix}{k}.")
-        elif a != b and not (prefix == "train." and k in ("max_steps", "device", "threads", "out")):
+        elif a != b and not (prefix == "train." and k in _RESUMABLE_TRAIN_KEYS):
             keys.append(f"{prefix}{k} ({a!r} -> {b!r})")
     return keys
 
@@ -270,35 +327,131 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
-def _parts_text(parts: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+def _gradient_finiteness(model: nn.Module) -> tuple[list[str], torch.Tensor]:
+    """(names of the parameters that have a gradient, a device bool per name: its gradient is finite).
 
-
-def _nonfinite_gradients(model: nn.Module) -> list[str]:
-    """Names of the parameters whose gradient holds a NaN or an inf (none: an empty list).
-
-    One fused norm per parameter (``torch._foreach_norm``) and a single host sync: cheap next to a step.
-    A gradient so large that its norm overflows float32 counts as non-finite too.
+    One fused norm per parameter (``torch._foreach_norm``) and no host sync: a NaN or inf anywhere
+    makes the norm non-finite, and so does a gradient so large that its norm overflows float32.
     """
     named = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
     if not named:
-        return []
-    grads = [g for _, g in named]
-    foreach_norm = getattr(torch, "_foreach_norm", None)
-    norms = foreach_norm(grads) if foreach_norm is not None else [g.norm() for g in grads]
-    finite = torch.isfinite(torch.stack([n.float() for n in norms]))  # .float() of a float32 norm is itself
-    if bool(finite.all()):
-        return []
-    return [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
+        return [], torch.ones(0, dtype=torch.bool)
+    norms = torch._foreach_norm([g for _, g in named])
+    return [name for name, _ in named], torch.isfinite(torch.stack([n.float() for n in norms]))
 
 
-_OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError)
+@dataclass
+class _StepRecord:
+    """What the loop keeps of one step until the next host sync (tensors stay on the device)."""
+
+    step: int                  # 0-based
+    epoch: int
+    lr: float
+    time: float
+    keys: list[str]            # names of ``values`` after the loss
+    values: torch.Tensor       # [loss, *parts, (probe loss, probe acc)], float32
+    grad_names: list[str]
+    grad_finite: torch.Tensor  # bool per entry of grad_names
 
 
-def _is_out_of_memory(e: BaseException) -> bool:
-    """A device allocation failure: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
-    return isinstance(e, _OUT_OF_MEMORY) or (
-        isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
+class _StepLog:
+    """The steps since the last sync, written out together.
+
+    ``flush()`` fetches every pending value with one :func:`fetch_to_host`, stops the run at the
+    first step whose loss or gradient is not finite (naming the step, the loss parts and the
+    parameters), then writes one ``metrics.jsonl`` line per step (``patches_per_s`` is the mean over
+    the flushed steps) and updates the progress bar."""
+
+    def __init__(self, file, bar, *, patches_per_step: int, checkpoints: Path):
+        self.file, self.bar = file, bar
+        self.patches_per_step = patches_per_step
+        self.checkpoints = checkpoints
+        self.pending: list[_StepRecord] = []
+        self.last_flush = time.perf_counter()
+        self.last_loss = float("nan")
+
+    def add(self, record: _StepRecord) -> None:
+        self.pending.append(record)
+        self.bar.update(1)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        # one flat tensor: the records may differ in length (a frozen parameter has no gradient)
+        flat = fetch_to_host(torch.cat([t for r in self.pending for t in (r.values, r.grad_finite.float())]))
+        rows, at = [], 0
+        for r in self.pending:
+            n = r.values.numel() + r.grad_finite.numel()
+            rows.append(flat[at:at + n])
+            at += n
+        now = time.perf_counter()
+        rate = len(self.pending) * self.patches_per_step / max(now - self.last_flush, 1e-9)
+        lines = []
+        for record, row in zip(self.pending, rows):
+            n = len(record.keys)
+            loss, parts = row[0], dict(zip(record.keys, row[1:n + 1]))
+            loss_parts = {k: v for k, v in parts.items() if not k.startswith("online_probe")}
+            if not math.isfinite(loss):
+                raise TrainingError(f"loss is {loss} at step {record.step} ({_parts_text(loss_parts)}); the last "
+                                    f"good checkpoint is kept in {self.checkpoints}")
+            bad = [name for name, ok in zip(record.grad_names, row[n + 1:]) if not ok]
+            if bad:
+                raise TrainingError(
+                    f"non-finite gradient at step {record.step} (the loss is finite: {_parts_text(loss_parts)}) in "
+                    f"{len(bad)} parameter(s): {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}; "
+                    f"the last good checkpoint is kept in {self.checkpoints}")
+            lines.append(json.dumps({"step": record.step + 1, "epoch": record.epoch, "loss": loss, **parts,
+                                     "lr": record.lr, "patches_per_s": rate, "time": record.time}) + "\n")
+            self.last_loss = loss
+        self.file.write("".join(lines))
+        self.file.flush()
+        postfix = {"loss": f"{self.last_loss:.3f}", "patches_s": f"{rate:,.0f}"}
+        if "online_probe_acc" in parts:
+            postfix["probe_acc"] = f"{parts['online_probe_acc']:.2f}"
+        self.bar.set_postfix(**postfix, refresh=False)
+        self.pending = []
+        self.last_flush = now
+
+
+def _steps(loader, step: int, end_step: int):
+    """(step, batch) for the steps ``step .. end_step - 1``, across epochs."""
+    per_epoch = len(loader)
+    while step < end_step:
+        epoch, in_epoch = divmod(step, per_epoch)
+        for batch in loader.epoch(epoch, start_step=in_epoch):
+            if step >= end_step:
+                return
+            yield step, batch
+            step += 1
+
+
+def _steps_with_views(steps, specs: list, seed: int, per_call: int, channels_last: bool):
+    """(step, batch, view groups) with the views of ``per_call`` consecutive steps rendered per call."""
+    chunk = []
+
+    def render():
+        views = step_view_groups([b.images for _, b in chunk], specs, seed, chunk[0][0], channels_last=channels_last)
+        return [(s, b, v) for (s, b), v in zip(chunk, views)]
+
+    for item in steps:
+        chunk.append(item)
+        if len(chunk) == per_call:
+            yield from render()
+            chunk = []
+    if chunk:
+        yield from render()
+
+
+def _probe_step(probe: nn.Module, probe_opt: torch.optim.Optimizer, feats: torch.Tensor, labels: torch.Tensor
+                ) -> torch.Tensor:
+    """One Adam step of the online probe on the detached first-view features: returns [loss, accuracy]
+    on the device (float32, outside autocast)."""
+    logits = probe(feats[:labels.shape[0]].detach().float())
+    loss = F.cross_entropy(logits, labels)
+    probe_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    probe_opt.step()
+    return torch.stack([loss.detach(), (logits.argmax(1) == labels).float().mean()])
 
 
 def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True) -> TrainResult:
@@ -328,7 +481,7 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
     use_cl = tc.channels_last != "off"
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
-    amp = tc.amp == "bf16" or (tc.amp == "auto" and device.type == "cuda")
+    amp = use_amp(tc.amp, device)
     oc = config.optim
     optimizer = build_optimizer(model.named_parameters(), oc.name, lr=oc.lr, weight_decay=oc.weight_decay,
                                 momentum=oc.momentum, trust_coefficient=oc.trust_coefficient,
@@ -342,7 +495,6 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
     steps_per_epoch = len(loader)
     total_steps = max(1, round(steps_per_epoch * tc.epochs))
     warmup = int(round(oc.warmup_steps * total_steps)) if oc.warmup_steps < 1 else int(oc.warmup_steps)
-    view_gen = torch.Generator().manual_seed(config.seed + 1)
 
     step = 0
     metrics_path = run_dir / "metrics.jsonl"
@@ -356,7 +508,6 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
                 probe.load_state_dict(state["probe"])
                 probe_opt.load_state_dict(state["probe_optimizer"])
             step = int(state["step"])
-            view_gen.set_state(state["rng"]["views"])
             torch.set_rng_state(state["rng"]["torch"])
             if device.type == "cuda" and state["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(state["rng"]["cuda"], device)
@@ -367,6 +518,7 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
     patches_per_step = config.data.batch_size * sum(spec.count for spec in specs)
     before_step = getattr(model, "before_optimizer_step", None)
     after_step = getattr(model, "after_optimizer_step", None)
+    view_steps = tc.view_steps or (4 if device.type == "cuda" else 1)
 
     def snapshot(at: int) -> dict[str, Any]:
         return {
@@ -374,77 +526,58 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
             "probe": probe.state_dict() if probe is not None else None,
             "probe_optimizer": probe_opt.state_dict() if probe_opt is not None else None,
-            "rng": {"views": view_gen.get_state(), "torch": torch.get_rng_state(),
+            "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
         }
 
     model.train()
     start = time.perf_counter()
     first_step = step
-    loss_value = float("nan")
     bar = progress(total=end_step, initial=step, desc=f"train {config.name}", unit="step",
                    disable=not progress_bar)
+    stream = _steps_with_views(_steps(loader, step, end_step), specs, config.seed, view_steps, use_cl)
     with open(metrics_path, "a", encoding="utf-8") as metrics_file:
+        log = _StepLog(metrics_file, bar, patches_per_step=patches_per_step, checkpoints=run_dir / "checkpoints")
         while step < end_step:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            for batch in loader.epoch(epoch, start_step=in_epoch):
-                if step >= end_step:
-                    break
-                t0 = time.perf_counter()
+            try:
+                step_, batch, views = next(stream)
+                assert step_ == step
                 lr = oc.lr * warmup_cosine(step, total_steps, warmup, oc.final_lr_ratio)
                 set_learning_rate(optimizer, lr)
-                try:
-                    views = make_view_groups(batch.images, specs, view_gen, channels_last=use_cl)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                        loss, parts, feats = run_model(views)
-                    loss_value = float(loss.detach())
-                    if not math.isfinite(loss_value):
-                        raise TrainingError(f"loss is {loss_value} at step {step} ({_parts_text(parts)}); the last "
-                                            f"good checkpoint is kept in {run_dir / 'checkpoints'}")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if before_step is not None:
-                        before_step(step, total_steps)
-                    bad = _nonfinite_gradients(model)
-                    if bad:  # the optimizer has not stepped: the weights are still those of a good step
-                        raise TrainingError(
-                            f"non-finite gradient at step {step} (the loss is finite: {_parts_text(parts)}) in "
-                            f"{len(bad)} parameter(s): {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}; "
-                            f"the last good checkpoint is kept in {run_dir / 'checkpoints'}")
-                    optimizer.step()
-                    if after_step is not None:
-                        after_step(step, total_steps)
-                except Exception as e:
-                    if _is_out_of_memory(e):
-                        raise TrainingError(
-                            f"out of memory at step {step} on {device} ({config.data.batch_size} images x "
-                            f"{patches_per_step // config.data.batch_size} views per step): lower data.batch_size "
-                            f"or views.count; the last good checkpoint is kept in {run_dir / 'checkpoints'}"
-                        ) from None
-                    raise
-                probe_metrics = {}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss, parts, feats = run_model(views)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if before_step is not None:
+                    before_step(step, total_steps)
+                grad_names, grad_finite = _gradient_finiteness(model)
+                optimizer.step()
+                if after_step is not None:
+                    after_step(step, total_steps)
+                keys = list(parts)
+                values = [loss.detach().float().reshape(1), torch.stack([v.float() for v in parts.values()])]
                 if probe is not None:
-                    first_view = feats[:batch.images.shape[0]].detach().float()
-                    logits = probe(first_view)
-                    probe_loss = F.cross_entropy(logits, batch.labels)
-                    probe_opt.zero_grad(set_to_none=True)
-                    probe_loss.backward()
-                    probe_opt.step()
-                    probe_metrics = {"online_probe_loss": float(probe_loss.detach()),
-                                     "online_probe_acc": float((logits.argmax(1) == batch.labels).float().mean())}
-                step += 1
-                dt = time.perf_counter() - t0
-                record = {"step": step, "epoch": epoch, "loss": loss_value,
-                          **{k: float(v) for k, v in parts.items()}, **probe_metrics, "lr": lr,
-                          "patches_per_s": patches_per_step / dt, "time": time.time()}
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", patches_s=f"{patches_per_step / dt:,.0f}",
-                                **({"probe_acc": f"{probe_metrics['online_probe_acc']:.2f}"} if probe_metrics else {}),
-                                refresh=False)
-                if step % tc.checkpoint_every == 0 or step == end_step:
-                    save_checkpoint(run_dir, snapshot(step), tc.keep_checkpoints)
+                    keys += ["online_probe_loss", "online_probe_acc"]
+                    values.append(_probe_step(probe, probe_opt, feats, batch.labels))
+            except Exception as e:
+                # A step after a non-finite one may fail on its NaN weights (e.g. a Cholesky): the
+                # pending records name the first bad step, which is the error to report.
+                log.flush()
+                if _is_out_of_memory(e):
+                    raise TrainingError(
+                        f"out of memory at step {step} on {device} ({config.data.batch_size} images x "
+                        f"{patches_per_step // config.data.batch_size} views per step): lower data.batch_size "
+                        f"or views.count; the last good checkpoint is kept in {run_dir / 'checkpoints'}"
+                    ) from None
+                raise
+            log.add(_StepRecord(step=step, epoch=step // steps_per_epoch, lr=lr, time=time.time(), keys=keys,
+                                values=torch.cat(values), grad_names=grad_names, grad_finite=grad_finite))
+            step += 1
+            save = step % tc.checkpoint_every == 0 or step == end_step
+            if save or step % tc.log_every == 0:
+                log.flush()  # before a checkpoint: a non-finite step stops the run before it is saved
+            if save:
+                save_checkpoint(run_dir, snapshot(step), tc.keep_checkpoints)
     bar.close()
     seconds = time.perf_counter() - start
     done = step - first_step
@@ -455,7 +588,7 @@ def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True)
         save_checkpoint(run_dir, snapshot(step), tc.keep_checkpoints)
     return TrainResult(run_dir=run_dir, steps=step, seconds=seconds,
                        patches_per_s=done * patches_per_step / seconds if seconds > 0 and done else 0.0,
-                       final_loss=loss_value, model=model, online_probe_test_acc=online_acc)
+                       final_loss=log.last_loss, model=model, online_probe_test_acc=online_acc)
 
 
 def _online_probe_report(config: RunConfig, model, probe, spec, device, amp: bool, channels_last: bool,

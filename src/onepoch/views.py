@@ -40,10 +40,12 @@ __all__ = [
     "ViewParams",
     "ViewSpec",
     "apply_view_params",
+    "concat_view_params",
     "get_preset",
     "load_view_spec",
     "make_views",
     "sample_view_params",
+    "seeded_generator",
 ]
 
 # ITU-R 601-2 luma, as Pillow's convert("L") and ImageEnhance use.
@@ -218,6 +220,28 @@ class ViewParams:
 
     def to(self, device: torch.device | str) -> "ViewParams":
         return ViewParams(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+    def rows(self, index: slice | torch.Tensor) -> "ViewParams":
+        """The parameters of the views ``index`` (a slice or index tensor of rows); ``image_index`` is kept."""
+        return ViewParams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+def concat_view_params(params: list[ViewParams], batch_sizes: list[int]) -> ViewParams:
+    """The views of several batches as one: ``params[k]`` describes views of batch k (``batch_sizes[k]``
+    images); in the result its ``image_index`` points into the batches stacked in order, so that
+    ``apply_view_params(torch.cat(batches), concat_view_params(...))`` renders every batch's views in
+    one call, the rows of batch k following those of batch k-1."""
+    offsets = np.cumsum([0] + list(batch_sizes[:-1]))
+    parts = {f.name: [getattr(p, f.name) for p in params] for f in fields(ViewParams)}
+    parts["image_index"] = [p.image_index + int(o) for p, o in zip(params, offsets)]
+    return ViewParams(**{name: torch.cat(values) for name, values in parts.items()})
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of integers (e.g. (seed, step, group)) through numpy's
+    SeedSequence, so that nearby keys give unrelated streams."""
+    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 # Columns of the one uniform draw per view (fixed layout: changing one op's probability never
@@ -554,7 +578,17 @@ def apply_view_params(images: torch.Tensor, params: ViewParams, spec: ViewSpec, 
                       dtype: torch.dtype = torch.float32, channels_last: bool = False,
                       chunk: int | None = None) -> torch.Tensor:
     """Render the views described by ``params`` from ``images`` (uint8 (B, H, W, C), or float in
-    [0, 1]); returns ``(N, C, size, size)`` of ``dtype`` on the images' device."""
+    [0, 1]); returns ``(N, C, size, size)`` of ``dtype`` on the images' device.
+
+    Precision policy: views are computed in float32 with autocast off, whatever the caller's
+    autocast state (bf16 matrix products would blur and resize in bf16); ``dtype`` only sets the
+    stored result."""
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        return _render(images, params, spec, dtype=dtype, channels_last=channels_last, chunk=chunk)
+
+
+def _render(images: torch.Tensor, params: ViewParams, spec: ViewSpec, *, dtype: torch.dtype,
+            channels_last: bool, chunk: int | None) -> torch.Tensor:
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"images must be (B, H, W, C) with C in (1, 3), got {tuple(images.shape)}")
     device = images.device
