@@ -1,4 +1,6 @@
-"""Baseline self-supervised losses against naive float64 versions written out with explicit loops."""
+"""Baseline self-supervised losses beyond the two-view reference values (tests/test_reference_losses.py):
+their generalisations to V views, ReSSL (which lightly lacks), exact special cases, stop-gradients,
+dtypes and input checks."""
 
 import math
 
@@ -29,24 +31,55 @@ def mean(terms: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(terms).sum() / len(terms)
 
 
-def compare(fast_fn, naive_fn, inputs: list[torch.Tensor], grad_of: list[int], rtol: float = 1e-5) -> None:
-    """Values and gradients (w.r.t. inputs[i] for i in grad_of) of fast_fn (float32) and naive_fn (float64)."""
-    x32 = [t.float().clone().requires_grad_(i in grad_of) for i, t in enumerate(inputs)]
-    x64 = [t.double().clone().requires_grad_(i in grad_of) for i, t in enumerate(inputs)]
-    fast, ref = fast_fn(*x32), naive_fn(*x64)
-    assert fast.dtype == torch.float32 and fast.dim() == 0
-    assert math.isclose(fast.item(), ref.item(), rel_tol=rtol, abs_tol=1e-6), (fast.item(), ref.item())
-    g32 = torch.autograd.grad(fast, [x32[i] for i in grad_of])
-    g64 = torch.autograd.grad(ref, [x64[i] for i in grad_of])
-    for a, b in zip(g32, g64):
+# --- more than two views ------------------------------------------------------------------------
+# The two-view losses are checked against lightly in test_reference_losses.py; here each stated
+# generalisation to V views is checked against its definition in terms of the two-view loss.
+
+
+def pair_mean(fn, *inputs: torch.Tensor) -> torch.Tensor:
+    """Mean over the unordered pairs of views i < j of fn(inputs restricted to views [i, j])."""
+    v = inputs[0].shape[0]
+    return mean([fn(*(x[[i, j]] for x in inputs)) for i in range(v) for j in range(i + 1, v)])
+
+
+def compare(fast_fn, ref_fn, inputs: list[torch.Tensor], grad_of: list[int]) -> None:
+    """Values and gradients (w.r.t. inputs[i] for i in grad_of) of two computations on float64 inputs
+    (our losses compute in float32 inside, hence the float32-sized tolerances)."""
+    x = [t.double().clone().requires_grad_(i in grad_of) for i, t in enumerate(inputs)]
+    fast, ref = fast_fn(*x), ref_fn(*x)
+    assert math.isclose(fast.item(), ref.item(), rel_tol=1e-5), (fast.item(), ref.item())
+    g_fast = torch.autograd.grad(fast, [x[i] for i in grad_of])
+    g_ref = torch.autograd.grad(ref, [x[i] for i in grad_of])
+    for a, b in zip(g_fast, g_ref):
         assert b.abs().max() > 0
-        assert torch.allclose(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item()), (a - b).abs().max()
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
-# --- naive references ---------------------------------------------------------------------------
+@pytest.mark.parametrize("v", [3, 4])
+def test_vicreg_of_v_views_is_the_mean_over_pairs(v):
+    z = randn(v, 6, 4, seed=30 + v) * 0.7
+    compare(lambda x: vicreg_loss(x)[0], lambda x: pair_mean(lambda y: vicreg_loss(y)[0], x), [z], [0])
+    _, parts = vicreg_loss(z)
+    for key in ("invariance", "variance", "covariance"):
+        expected = pair_mean(lambda y: vicreg_loss(y)[1][key], z)
+        assert math.isclose(parts[key].item(), expected.item(), rel_tol=1e-5), key
+        assert parts[key].item() > 0 and not parts[key].requires_grad
+
+
+@pytest.mark.parametrize("v", [3, 4])
+def test_barlow_twins_of_v_views_is_the_mean_over_pairs(v):
+    compare(lambda z: barlow_twins_loss(z, 0.05), lambda z: pair_mean(lambda y: barlow_twins_loss(y, 0.05), z),
+            [randn(v, 6, 4, seed=40 + v)], [0])
+
+
+@pytest.mark.parametrize("v", [3, 4])
+def test_byol_of_v_views_is_the_mean_over_pairs(v):
+    compare(byol_loss, lambda p, z: pair_mean(byol_loss, p, z),
+            [randn(v, 4, 5, seed=10 + v), randn(v, 4, 5, seed=20 + v)], [0])
 
 
 def naive_nt_xent(z, tau):
+    """The docstring's formula with loops: every anchor against each of its positives, over all others."""
     v, b, _ = z.shape
     emb = [unit(z[i, n]) for i in range(v) for n in range(b)]
     image = [n for _ in range(v) for n in range(b)]
@@ -59,101 +92,35 @@ def naive_nt_xent(z, tau):
     return mean(terms)
 
 
-def naive_byol(p, z):
-    v, b, _ = p.shape
-    z = z.detach()
-    pairs = []
-    for i in range(v):
-        for j in range(v):
-            if i != j:
-                pairs.append(mean([2 - 2 * unit(p[i, n]) @ unit(z[j, n]) for n in range(b)]))
-    return mean(pairs)
+def test_nt_xent_of_three_views_matches_its_formula():
+    compare(lambda z: nt_xent_loss(z, 0.5), lambda z: naive_nt_xent(z, 0.5), [randn(3, 4, 5, seed=3)], [0])
 
 
-def naive_columns_stats(x, unbiased):
-    """Per column k of x [B, d]: (mean, variance)."""
-    b, d = x.shape
-    out = []
-    for k in range(d):
-        m = sum(x[n, k] for n in range(b)) / b
-        var = sum((x[n, k] - m) ** 2 for n in range(b)) / (b - 1 if unbiased else b)
-        out.append((m, var))
-    return out
+@pytest.mark.parametrize("v,vc", [(4, 2), (3, 1), (3, 3)])
+def test_swav_of_v_views_averages_each_code_views_partners(v, vc):
+    """For each code view i, the mean over the V − 1 other views of the cross-entropy, then the mean over i
+    (the official code's loop), written with torch's soft-label cross-entropy."""
+    scores = randn(v, 5, 3, seed=60 + v)
+    codes = torch.stack([sinkhorn_knopp(scores[i], 0.5) for i in range(vc)]).double()
+
+    def official(s):
+        per_code = [mean([F.cross_entropy(s[j] / 0.1, codes[i]) for j in range(v) if j != i]) for i in range(vc)]
+        return mean(per_code)
+
+    compare(lambda s: swav_loss(s, codes, 0.1), official, [scores], [0])
 
 
-def naive_vicreg(z, sim_w, var_w, cov_w, gamma, eps):
-    v, b, d = z.shape
-    inv = mean([sum(((z[i, n] - z[j, n]) ** 2).sum() for n in range(b)) / (b * d)
-                for i in range(v) for j in range(i + 1, v)])
-    var_terms, cov_terms = [], []
-    for i in range(v):
-        stats = naive_columns_stats(z[i], unbiased=True)
-        var_terms.append(mean([torch.relu(gamma - torch.sqrt(var + eps)) for _, var in stats]))
-        off = 0.0
-        for k in range(d):
-            for m in range(d):
-                if k != m:
-                    c = sum((z[i, n, k] - stats[k][0]) * (z[i, n, m] - stats[m][0]) for n in range(b)) / (b - 1)
-                    off = off + c ** 2
-        cov_terms.append(off / d)
-    var, cov = mean(var_terms), mean(cov_terms)
-    return sim_w * inv + var_w * var + cov_w * cov, {"invariance": inv, "variance": var, "covariance": cov}
+def test_ressl_matches_soft_label_cross_entropy():
+    """ReSSL's loss is the cross-entropy of the student's relation logits against the teacher's softmax:
+    torch's soft-label cross_entropy on L2-normalised embeddings and queue, float64."""
+    student, teacher, queue = randn(4, 5, seed=70), randn(4, 5, seed=71), randn(7, 5, seed=72)
 
+    def reference(s, t, q):
+        bank = F.normalize(q.detach(), dim=-1)
+        p_t = F.softmax(F.normalize(t.detach(), dim=-1) @ bank.T / 0.04, dim=-1)
+        return F.cross_entropy(F.normalize(s, dim=-1) @ bank.T / 0.1, p_t)
 
-def naive_barlow(z, lam, eps):
-    v, b, d = z.shape
-    standard = []
-    for i in range(v):
-        stats = naive_columns_stats(z[i], unbiased=False)
-        standard.append([[(z[i, n, k] - stats[k][0]) / torch.sqrt(stats[k][1] + eps) for k in range(d)]
-                         for n in range(b)])
-    pairs = []
-    for i in range(v):
-        for j in range(i + 1, v):
-            loss = 0.0
-            for k in range(d):
-                for m in range(d):
-                    c = sum(standard[i][n][k] * standard[j][n][m] for n in range(b)) / b
-                    loss = loss + ((1 - c) ** 2 if k == m else lam * c ** 2)
-            pairs.append(loss)
-    return mean(pairs)
-
-
-def naive_sinkhorn(scores, epsilon, iterations):
-    b, k = scores.shape
-    q = torch.exp((scores.double() - scores.max()) / epsilon).T.clone()
-    q /= q.sum()
-    for _ in range(iterations):
-        for r in range(k):
-            q[r] /= q[r].sum() * k
-        for c in range(b):
-            q[:, c] /= q[:, c].sum() * b
-    return (q * b).T
-
-
-def naive_swav(scores, codes, tau):
-    v, b, kk = scores.shape
-    pairs = []
-    for i in range(codes.shape[0]):
-        for j in range(v):
-            if j != i:
-                per_sample = []
-                for n in range(b):
-                    e = torch.exp(scores[j, n] / tau)
-                    per_sample.append(-sum(codes[i, n, k] * torch.log(e[k] / e.sum()) for k in range(kk)))
-                pairs.append(mean(per_sample))
-    return mean(pairs)
-
-
-def naive_ressl(student, teacher, queue, tau_s, tau_t):
-    bank = [unit(q) for q in queue.detach()]
-    terms = []
-    for n in range(student.shape[0]):
-        t, s = unit(teacher[n].detach()), unit(student[n])
-        et = torch.stack([torch.exp(t @ q / tau_t) for q in bank])
-        es = torch.stack([torch.exp(s @ q / tau_s) for q in bank])
-        terms.append(-sum((et[m] / et.sum()) * torch.log(es[m] / es.sum()) for m in range(len(bank))))
-    return mean(terms)
+    compare(lambda s, t, q: ressl_loss(s, t, q, 0.1, 0.04), reference, [student, teacher, queue], [0])
 
 
 def decorrelated(b: int, d: int, std: float, seed: int) -> torch.Tensor:
@@ -161,58 +128,6 @@ def decorrelated(b: int, d: int, std: float, seed: int) -> torch.Tensor:
     basis = torch.cat([torch.ones(b, 1), randn(b, d, seed=seed)], dim=1).double()
     q = torch.linalg.qr(basis)[0][:, 1:]  # orthonormal and orthogonal to the ones vector
     return (q * std * math.sqrt(b - 1)).float()
-
-
-# --- against the naive versions -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize("v,tau", [(2, 0.2), (3, 0.5)])
-def test_nt_xent_matches_naive(v, tau):
-    compare(lambda z: nt_xent_loss(z, tau), lambda z: naive_nt_xent(z, tau), [randn(v, 4, 5, seed=v)], [0])
-
-
-@pytest.mark.parametrize("v", [2, 3])
-def test_byol_matches_naive(v):
-    compare(byol_loss, naive_byol, [randn(v, 4, 5, seed=10 + v), randn(v, 4, 5, seed=20 + v)], [0])
-
-
-@pytest.mark.parametrize("v", [2, 3])
-def test_vicreg_matches_naive(v):
-    z = randn(v, 5, 4, seed=30 + v) * 0.7
-    args = (25.0, 25.0, 1.0, 1.0, 1e-4)
-    compare(lambda x: vicreg_loss(x, *args)[0], lambda x: naive_vicreg(x, *args)[0], [z], [0])
-    _, parts = vicreg_loss(z.requires_grad_(True), *args)
-    _, ref = naive_vicreg(z.double(), *args)
-    for key in ("invariance", "variance", "covariance"):
-        assert not parts[key].requires_grad
-        assert math.isclose(parts[key].item(), ref[key].item(), rel_tol=1e-5, abs_tol=1e-7), key
-    assert all(ref[key].item() > 0 for key in ref)  # each part is exercised
-
-
-@pytest.mark.parametrize("v", [2, 3])
-def test_barlow_twins_matches_naive(v):
-    compare(lambda z: barlow_twins_loss(z, 0.05), lambda z: naive_barlow(z, 0.05, 1e-5),
-            [randn(v, 6, 4, seed=40 + v)], [0])
-
-
-def test_sinkhorn_matches_naive():
-    s = randn(6, 4, seed=50)
-    for iterations in (1, 3, 7):
-        assert torch.allclose(sinkhorn_knopp(s, 0.3, iterations).double(), naive_sinkhorn(s, 0.3, iterations),
-                              rtol=1e-5, atol=1e-7)
-
-
-@pytest.mark.parametrize("v,vc", [(2, 2), (4, 2), (3, 1)])
-def test_swav_matches_naive(v, vc):
-    scores = randn(v, 5, 3, seed=60 + v)
-    codes = torch.stack([sinkhorn_knopp(scores[i], 0.5) for i in range(vc)])
-    compare(lambda s, c: swav_loss(s, c, 0.1), lambda s, c: naive_swav(s, c, 0.1), [scores, codes], [0])
-
-
-def test_ressl_matches_naive():
-    inputs = [randn(4, 5, seed=70), randn(4, 5, seed=71), randn(7, 5, seed=72)]
-    compare(lambda s, t, q: ressl_loss(s, t, q, 0.1, 0.04), lambda s, t, q: naive_ressl(s, t, q, 0.1, 0.04),
-            inputs, [0])
 
 
 # --- special cases ------------------------------------------------------------------------------

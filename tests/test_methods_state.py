@@ -1,7 +1,8 @@
 """Method state beyond the weights: EMA targets (BYOL, ReSSL), queues (ReSSL, SwAV), SwAV's prototypes,
-view groups, and exact resume of all of it."""
+view groups, BatchNorm batches (``method.bn_views``), and exact resume of all of it."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ import torch.nn.functional as F
 from test_methods import SMALL, TINY_HEADS
 from test_train import make_blobs
 
+import onepoch
+from onepoch import methods
 from onepoch.errors import ConfigError
 from onepoch.methods.common import cosine_momentum, ema_update_, stack_views
 from onepoch.methods.ressl import enqueue_
@@ -178,6 +181,105 @@ def test_stack_views_refuses_mixed_sizes():
     assert stack_views([torch.zeros(1, 2, 1, 4, 4), torch.zeros(2, 2, 1, 4, 4)]).shape == (3, 2, 1, 4, 4)
     with pytest.raises(ValueError, match="differ in batch or view size"):
         stack_views([torch.zeros(1, 2, 1, 4, 4), torch.zeros(1, 2, 1, 5, 5)])
+
+
+# ------------------------------------------------------------------------------------------- bn_views
+
+# What each method's official code does: SimCLR (views concatenated into one batch), EMP-SSL (all
+# patches concatenated), SwAV (one backbone batch per resolution, the head on all): joint; BYOL,
+# VICReg, Barlow Twins (each view its own forward pass), ReSSL (one view per network and pass): separate.
+BN_DEFAULTS = {"emp_ssl": "joint", "simclr": "joint", "swav": "joint", "byol": "separate", "vicreg": "separate",
+               "barlow_twins": "separate", "ressl": "separate"}
+# The modules that each method runs on the views of one batch (their calls are counted below).
+NETWORKS = {"simclr": ["backbone", "projector"], "vicreg": ["backbone", "projector"],
+            "barlow_twins": ["backbone", "projector"],
+            "byol": ["backbone", "projector", "predictor", "target_backbone", "target_projector"],
+            "emp_ssl": ["backbone", "pre_feature", "projection"]}
+
+
+def small_model(name, *extra):
+    recipe = "emp_ssl/fashion_mnist_demo" if name == "emp_ssl" else f"{name}/fashion_mnist_1epoch"
+    heads = ["method.pre_feature=32", "method.projector=32-16"] if name == "emp_ssl" else TINY_HEADS[name]
+    torch.manual_seed(0)
+    return build_model(load_config(recipe, [*SMALL, *heads, *extra]), 1).train()
+
+
+def batch_sizes(model, names):
+    """Forward hooks recording the number of rows each named submodule is called on, in order."""
+    sizes = {n: [] for n in names}
+    for n in names:
+        getattr(model, n).register_forward_hook(lambda module, args, out, n=n: sizes[n].append(args[0].shape[0]))
+    return sizes
+
+
+def test_bn_views_defaults_are_the_official_codes_and_every_recipe_uses_them():
+    assert set(BN_DEFAULTS) == set(methods.names())
+    for name, mode in BN_DEFAULTS.items():
+        assert methods.get(name).config_class().bn_views == mode, name
+    recipes = sorted((Path(onepoch.__file__).parent / "configs").glob("*/*.yaml"))
+    checked = 0
+    for path in recipes:
+        if path.parent.name == "compare":
+            continue
+        config = load_config(f"{path.parent.name}/{path.stem}")
+        assert config.method["bn_views"] == BN_DEFAULTS[config.method["name"]], path
+        checked += 1
+    assert checked >= 20
+    with pytest.raises(ConfigError, match="method.bn_views must be one of joint, separate, got 'mixed'"):
+        load_config("vicreg/fashion_mnist_1epoch", ["method.bn_views=mixed"])
+
+
+@pytest.mark.parametrize("mode", ["joint", "separate"])
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_bn_views_sets_the_batch_of_every_network_pass(name, mode):
+    model = small_model(name, f"method.bn_views={mode}")
+    sizes = batch_sizes(model, NETWORKS[name])
+    x = torch.randn(3, 8, 1, 12, 12)  # 3 views of 8 images
+    _, _, feats = model([x])
+    expected = [8, 8, 8] if mode == "separate" else [24]
+    assert sizes == {n: expected for n in NETWORKS[name]}
+    # The contract: features view-major, rows 0..B-1 the first view of each image in batch order,
+    # with the BatchNorm statistics of the policy (which do differ between the two).
+    with torch.no_grad():
+        alone, together = model.backbone(x[0]), model.backbone(x.flatten(0, 1))[:8]
+    assert feats.shape == (24, model.backbone.feature_dim)
+    assert not torch.allclose(alone, together, atol=1e-4)
+    torch.testing.assert_close(feats[:8], alone if mode == "separate" else together)
+
+
+@pytest.mark.parametrize("mode", ["joint", "separate"])
+def test_byol_target_follows_the_online_bn_policy(mode):
+    """At the start the target is a copy of the online network: fed the views the same way, its
+    BatchNorm running statistics after a step equal the online network's."""
+    model = small_model("byol", f"method.bn_views={mode}")
+    model([torch.randn(1, 8, 1, 12, 12), torch.randn(1, 8, 1, 12, 12)])
+    pairs = [(model.backbone, model.target_backbone), (model.projector, model.target_projector)]
+    for online, target in pairs:
+        for (key, a), (_, b) in zip(online.named_buffers(), target.named_buffers()):
+            torch.testing.assert_close(a, b, msg=key)
+
+
+@pytest.mark.parametrize("mode,backbone,head", [("joint", [16, 32], [48]), ("separate", [8] * 6, [8] * 6)])
+def test_swav_bn_views_one_backbone_batch_per_resolution_then_one_head_batch(mode, backbone, head):
+    config = load_config("swav/fashion_mnist_multicrop", [*SMALL, *TINY_HEADS["swav"], f"method.bn_views={mode}"])
+    torch.manual_seed(0)
+    model = build_model(config, 1).train()
+    sizes = batch_sizes(model, ["backbone", "projector"])
+    groups = [torch.randn(1, 8, 1, 28, 28), torch.randn(1, 8, 1, 28, 28), torch.randn(4, 8, 1, 14, 14)]
+    _, _, feats = model(groups)
+    assert sizes == {"backbone": backbone, "projector": head}
+    with torch.no_grad():  # joint: the two full-size groups form one batch
+        joint = torch.cat(groups[:2]).flatten(0, 1)
+        first = model.backbone(groups[0][0]) if mode == "separate" else model.backbone(joint)[:8]
+    torch.testing.assert_close(feats[:8], first)
+
+
+@pytest.mark.parametrize("mode,student", [("joint", [16]), ("separate", [8, 8])])
+def test_ressl_student_views_follow_bn_views_and_the_teacher_sees_the_weak_view(mode, student):
+    model = small_model("ressl", f"method.bn_views={mode}")
+    sizes = batch_sizes(model, ["backbone", "target_backbone"])
+    model([torch.randn(1, 8, 1, 12, 12), torch.randn(2, 8, 1, 12, 12)])
+    assert sizes == {"backbone": student, "target_backbone": [8]}
 
 
 # ---------------------------------------------------------------------------------------------- resume

@@ -55,7 +55,8 @@ def emp_ssl_loss(z: torch.Tensor, *, eps: float = 0.2, invariance_weight: float 
 
     L = λ · invariance(Z) − (1/n) · Σ_i R(Z_i)
 
-    Returns the loss and its parts (``invariance``, ``tcr`` = mean R, both detached).
+    as the official code (``patch_sim · loss_contract + loss_TCR`` with loss_TCR = −mean R). Returns the
+    loss and its parts (``invariance``, ``tcr`` = mean R, both detached).
     """
     inv = patch_invariance(z)
     tcr = total_coding_rate(z, eps).mean()
@@ -104,7 +105,9 @@ def nt_xent_loss(z: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
     L = mean over anchors a and positives p (the other V−1 views of a's image) of
         −log( exp(s_ap) / Σ_{k≠a} exp(s_ak) ).
 
-    With V = 2 this is exactly SimCLR's loss.
+    With V = 2 this is exactly the paper's L = (1/2N) Σ_k [ℓ(2k−1, 2k) + ℓ(2k, 2k−1)] (and lightly's
+    NTXentLoss). SimCLR's official code sums the two directions before averaging over the batch, twice
+    this value: a constant factor, which LARS's trust ratio all but cancels.
     """
     _check_views("nt_xent_loss", z)
     _check_positive("nt_xent_loss", temperature=temperature)
@@ -120,11 +123,14 @@ def nt_xent_loss(z: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
 
 
 def byol_loss(p: torch.Tensor, z_target: torch.Tensor) -> torch.Tensor:
-    """BYOL's symmetrised normalised MSE (Grill et al. 2020, eq. 2), p and z_target of shape [V, B, d]:
+    """BYOL's symmetrised loss (Grill et al. 2020, eq. 2 and §3.1), p and z_target of shape [V, B, d]:
 
-    L = mean over ordered pairs of distinct views (i, j) of mean_b ( 2 − 2·cos(p_{i,b}, sg(z_{j,b})) ).
+    ℓ(p, z) = mean_b ‖p̄_b − z̄_b‖² = mean_b ( 2 − 2·cos(p_b, sg(z_b)) )   (x̄ = x/‖x‖, sg: stop-gradient)
+    L = mean over unordered pairs of views {i, j} of ( ℓ(p_i, z_j) + ℓ(p_j, z_i) )
 
-    The target is detached here (sg = stop-gradient).
+    With V = 2 this is the paper's L^BYOL = L + L̃ (§3.1), as in the official code, which sums the
+    two directions' regression losses and averages over the batch. It is twice the mean over
+    ordered pairs of views. The target is detached here.
     """
     _check_views("byol_loss", p)
     if z_target.shape != p.shape:
@@ -135,19 +141,26 @@ def byol_loss(p: torch.Tensor, z_target: torch.Tensor) -> torch.Tensor:
         pn = F.normalize(p.float(), dim=-1)
         zn = F.normalize(z_target.detach().float(), dim=-1)
         cos = torch.einsum("ibd,jbd->ij", pn, zn) / p.shape[1]  # [V, V]: mean_b cos(p_i, z_j)
-        return 2.0 - 2.0 * cos[_off_diagonal_mask(v, p.device)].mean()
+        return 2.0 * (2.0 - 2.0 * cos[_off_diagonal_mask(v, p.device)].mean())
 
 
 def vicreg_loss(z: torch.Tensor, sim_weight: float = 25.0, var_weight: float = 25.0, cov_weight: float = 1.0,
                 gamma: float = 1.0, eps: float = 1e-4) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """VICReg (Bardes et al. 2022, eqs. 1-6) for z of shape [V, B, d]:
+    """VICReg (Bardes et al. 2022, eqs. 1-6, as in the official code) for z of shape [V, B, d]:
 
-    s = mean over pairs i<j of (1/(B·d)) Σ ‖z_i − z_j‖²                (invariance, MSE)
-    v = mean over views of (1/d) Σ_k relu(γ − sqrt(Var_b(z_{·k}) + ε))  (variance, unbiased Var)
-    c = mean over views of (1/d) Σ_{k≠l} C(z)_{kl}²,  C(z) = (1/(B−1)) Σ_b (z_b − z̄)(z_b − z̄)ᵀ
-    L = λ·s + μ·v + ν·c
+    s(Z, Z') = (1/(B·d)) Σ_b ‖z_b − z'_b‖²                                  (invariance, MSE)
+    v(Z) = (1/d) Σ_k relu(γ − sqrt(Var_b(z_{·k}) + ε))                       (variance, unbiased Var)
+    c(Z) = (1/d) Σ_{k≠l} C(Z)_{kl}²,  C(Z) = (1/(B−1)) Σ_b (z_b − z̄)(z_b − z̄)ᵀ  (covariance)
 
-    Returns L and the unweighted parts ``invariance``, ``variance``, ``covariance`` (detached).
+    For two views: ℓ(Z, Z') = λ·s(Z, Z') + μ·[v(Z) + v(Z')]/2 + ν·[c(Z) + c(Z')]: the official code
+    (and lightly's VICRegLoss) averages the two variance terms and adds the two covariance terms; the
+    paper's eq. 6 writes μ·[v(Z) + v(Z')], but λ = μ = 25, ν = 1 are the code's weights.
+    For V views, L = mean over pairs i < j of ℓ(Z_i, Z_j); every view is in V − 1 pairs, so
+
+    L = λ · mean_{i<j} s(Z_i, Z_j) + μ · mean_i v(Z_i) + ν · 2·mean_i c(Z_i),
+
+    which is ℓ itself for V = 2. Returns L and the parts that λ, μ, ν multiply: ``invariance``
+    (mean s), ``variance`` (mean v), ``covariance`` (2·mean c, i.e. c(Z) + c(Z') for two views), detached.
     """
     _check_views("vicreg_loss", z, min_batch=2)
     _check_positive("vicreg_loss", eps=eps)
@@ -160,7 +173,8 @@ def vicreg_loss(z: torch.Tensor, sim_weight: float = 25.0, var_weight: float = 2
         variance = F.relu(gamma - std).mean()
         centred = zf - zf.mean(dim=1, keepdim=True)
         cov = centred.transpose(1, 2) @ centred / (b - 1)  # [V, d, d]
-        covariance = (cov.pow(2).sum(dim=(1, 2)) - torch.diagonal(cov, dim1=1, dim2=2).pow(2).sum(-1)).mean() / d
+        per_view = (cov.pow(2).sum(dim=(1, 2)) - torch.diagonal(cov, dim1=1, dim2=2).pow(2).sum(-1)) / d
+        covariance = 2.0 * per_view.mean()
         loss = sim_weight * invariance + var_weight * variance + cov_weight * covariance
     parts = {"invariance": invariance.detach(), "variance": variance.detach(), "covariance": covariance.detach()}
     return loss, parts
@@ -172,7 +186,9 @@ def barlow_twins_loss(z: torch.Tensor, lambda_offdiag: float = 5e-3, eps: float 
     ẑ = (z − mean_b z) / sqrt(Var_b z + ε)   (per view and dimension; biased Var, as BatchNorm without affine)
     C = ẑ_aᵀ ẑ_b / B,   L_ab = Σ_i (1 − C_ii)² + λ · Σ_{i≠j} C_ij²
 
-    averaged over the unordered pairs of views a < b (L_ab = L_ba, since C_ba = C_abᵀ).
+    averaged over the unordered pairs of views a < b (L_ab = L_ba, since C_ba = C_abᵀ). With V = 2 this
+    is the official code's loss (BatchNorm1d without affine, ε 1e-5, C divided by B; its default λ
+    is 0.0051, the paper's 5e-3).
     """
     _check_views("barlow_twins_loss", z, min_batch=2)
     _check_positive("barlow_twins_loss", eps=eps)
@@ -194,7 +210,8 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
     Q = exp(scores / ε)ᵀ (K × B, after subtracting the maximum), normalised to sum 1; then ``iterations``
     rounds of: rows (prototypes) scaled to sum 1/K, columns (samples) scaled to sum 1/B.
     Returns B·Qᵀ, shape [B, K]: each sample's row sums to 1 (each prototype's column to about B/K).
-    No gradient flows through it.
+    As the official code's ``distributed_sinkhorn`` on one process (subtracting the maximum changes
+    nothing after the first normalisation). No gradient flows through it.
     """
     if scores.dim() != 2:
         raise ValueError(f"sinkhorn_knopp expects scores of shape [B, K], got {tuple(scores.shape)}")
@@ -218,7 +235,8 @@ def swav_loss(scores: torch.Tensor, codes: torch.Tensor, temperature: float = 0.
     the codes q_i are the (Sinkhorn) assignments of the first Vc views; p_j = softmax(scores_j / τ);
     L = mean over code views i < Vc and views j ≠ i of mean_b ( −Σ_k q_{i,b,k} · log p_{j,b,k} ).
 
-    The codes are detached here.
+    As the official code: for each code view the mean over the V − 1 other views, then the mean over
+    the code views. The codes are detached here.
     """
     _check_views("swav_loss", scores)
     if codes.dim() != 3 or codes.shape[1:] != scores.shape[1:] or not 1 <= codes.shape[0] <= scores.shape[0]:
@@ -242,7 +260,8 @@ def ressl_loss(student: torch.Tensor, teacher: torch.Tensor, queue: torch.Tensor
     p_t = softmax(t·Qᵀ / τ_t) (no gradient), p_s = softmax(s·Qᵀ / τ_s), all vectors L2-normalised;
     L = mean_b ( −Σ_q p_t · log p_s ).
 
-    The teacher and the queue (a memory of past teacher embeddings) are detached here.
+    As the official code (softmax of the teacher's logits / τ_t against log-softmax of the student's / τ_s
+    over the queue). The teacher and the queue (a memory of past teacher embeddings) are detached here.
     """
     if student.dim() != 2 or teacher.shape != student.shape:
         raise ValueError(f"ressl_loss needs student and teacher of the same shape [B, d], got "
