@@ -29,6 +29,7 @@ else
   pip install "torch==2.13.0+cpu" \
     || pip install torch --index-url https://download.pytorch.org/whl/cpu
 fi
-# torch is already satisfied, so this pulls only the small dependencies.
+# torch is already satisfied, so this pulls only the other dependencies (matplotlib among them) and
+# the test extra: pytest, plus tensorboard and safetensors (the optional extras, which the tests cover).
 pip install -e ".[test]"
 echo "setup: done ($VENV)"

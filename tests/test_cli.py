@@ -72,9 +72,13 @@ def test_prepare_then_views_grid(tmp_path, capsys):
     code, stdout, _ = run_cli(capsys, "views", out, "--out", png, "--images", 3, "--views", 4, "count=6")
     assert code == 0 and "3 images x 4 views of 16x16" in stdout
     with Image.open(png) as im:
-        assert im.format == "PNG" and im.mode == "RGB"
-        # rows: 3 cells of 16*4 px + gaps; columns: original + 4 views
-        assert im.size == (5 * (64 + 2) + 2, 3 * (64 + 2) + 2)
+        assert im.format == "PNG"
+        # columns: original + 4 views of 16 px with 2 px gaps, each pixel drawn 4 times (the default zoom)
+        assert im.size[0] == 4 * (5 * (16 + 2) + 2)
+    code, stdout, _ = run_cli(capsys, "views", out, "--out", tmp_path / "v.svg", "--images", 2)
+    assert code == 0 and (tmp_path / "v.svg").read_bytes().startswith(b"<?xml")
+    code, _, err = run_cli(capsys, "views", out, "--out", tmp_path / "v.jpg")
+    assert_one_line_error(code, err, r"\.png, \.svg or \.pdf, not '\.jpg'")
 
 
 def test_force_rebuilds_a_prepared_dataset(tmp_path, capsys):

@@ -165,7 +165,7 @@ def test_offline_with_nothing_found_explains_how_to_get_the_files(monkeypatch):
     assert "ONEPOCH_OFFLINE=1" in message
     assert "apt-get install dataset-fashion-mnist" in message
     assert "--source DIR" in message
-    assert "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/" in message
+    assert sources.IDX_BASE_URLS["fashion-mnist"][0] in message
 
 
 def test_download_false_also_refuses_to_download():
@@ -173,8 +173,16 @@ def test_download_false_also_refuses_to_download():
         load_source("mnist", download=False)
 
 
+def pin_hashes(monkeypatch, name: str, directory: Path) -> None:
+    """Make the .gz files in ``directory`` the official ones of ``name`` (their sha256 pinned)."""
+    from onepoch.data.download import sha256_file
+
+    monkeypatch.setitem(sources.IDX_SHA256, name, {s: sha256_file(directory / f"{s}.gz") for s in STEMS.values()})
+
+
 def test_files_already_in_the_cache_are_used_offline(tmp_path, monkeypatch):
     arrays = make_idx_dir(tmp_path / "cache" / "downloads" / "mnist", gz=True)
+    pin_hashes(monkeypatch, "mnist", tmp_path / "cache" / "downloads" / "mnist")
     monkeypatch.setenv("ONEPOCH_OFFLINE", "1")
     data = load_source("mnist")
     assert np.array_equal(data.splits["test"].labels, arrays["test_labels"])
@@ -184,6 +192,7 @@ def test_files_already_in_the_cache_are_used_offline(tmp_path, monkeypatch):
 def test_download_from_a_local_server_end_to_end(tmp_path, monkeypatch, http_server):
     root, base, requested = http_server.root, http_server.url, http_server.requested
     arrays = make_idx_dir(root / "mnist", gz=True)
+    pin_hashes(monkeypatch, "mnist", root / "mnist")
     # the first mirror answers 404, so the second one must be used
     monkeypatch.setitem(sources.IDX_BASE_URLS, "mnist", (f"{base}/gone/", f"{base}/mnist/"))
     data = load_source("mnist")
@@ -213,13 +222,14 @@ def test_download_failure_names_the_url_and_leaves_no_partial_file(tmp_path, mon
     assert not cache.exists() or list(cache.iterdir()) == []
 
 
-def test_a_download_that_is_not_gzip_is_discarded(tmp_path, monkeypatch, http_server):
+def test_a_download_with_another_sha256_is_discarded(tmp_path, monkeypatch, http_server):
     root, base = http_server.root, http_server.url
     (root / "html").mkdir()
     for stem in STEMS.values():
         (root / "html" / f"{stem}.gz").write_text("<html>not here</html>")
     monkeypatch.setitem(sources.IDX_BASE_URLS, "mnist", (f"{base}/html/",))
-    with pytest.raises(DataError, match=r"html/train-images-idx3-ubyte\.gz did not return a gzip file"):
+    with pytest.raises(DataError, match=r"html/train-images-idx3-ubyte\.gz failed: its sha256 \w+ is not the "
+                                        r"pinned 440fcabf.*the file was deleted"):
         load_source("mnist")
     assert list((tmp_path / "cache" / "downloads" / "mnist").iterdir()) == []
 

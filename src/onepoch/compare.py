@@ -26,8 +26,8 @@ measured in a short calibration run of each method (``calibration.json``), so wa
 only as well as that measurement. Epochs may be fractional (``train.epochs``).
 
 Outputs in ``<out>/<name>/``: ``compare.json`` (every cell), ``compare.md`` (tables: test accuracy
-mean ± std over seeds per method and budget, train time) and PNG plots of accuracy against epochs,
-training seconds and patch passes.
+mean ± std over seeds per method and budget, train time) and figures (matplotlib, PNG) of accuracy
+against epochs, training seconds and patch passes, with error bars of ± one standard deviation over seeds.
 """
 
 from __future__ import annotations
@@ -404,43 +404,67 @@ def format_markdown(config: CompareConfig, summaries: list[dict[str, Any]], *, c
     return "\n".join(lines)
 
 
-def write_plots(config: CompareConfig, summaries: list[dict[str, Any]]) -> list[Path]:
-    """PNG plots of the primary metric against epochs, training seconds and patch passes."""
-    from onepoch.plots import line_plot
+PLOT_AXES = {"epochs": ("acc_vs_epochs", "epochs"), "train_seconds": ("acc_vs_seconds", "training time (s)"),
+             "patch_passes": ("acc_vs_patch_passes", "patch passes (views through the backbone per image)")}
 
+
+def primary_metric(config: CompareConfig, summaries: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """The (feature, probe) the plots show: ``primary`` of the recipe, else the first pair found."""
     pairs = metric_pairs(summaries)
     if not pairs:
-        return []
-    feature = config.primary.get("feature", pairs[0][0])
-    probe = config.primary.get("probe", pairs[0][1])
+        return None
+    return config.primary.get("feature", pairs[0][0]), config.primary.get("probe", pairs[0][1])
+
+
+def accuracy_series(summaries: list[dict[str, Any]], feature: str, probe: str, axis: str
+                    ) -> list[tuple[str, list[float], list[float], list[float]]]:
+    """Per trained method, ``(label, xs, ys, errs)``: one point per budget with x the mean of the cells'
+    ``axis`` value (epochs, train_seconds or patch_passes) over seeds, y the mean test accuracy (%) of
+    ``probe`` on ``feature`` and err its sample standard deviation (0 for one seed)."""
     trained = [s for s in summaries if s["method"] != "random_init"]
-    labels = list(dict.fromkeys(s["label"] for s in trained))
-    paths = []
-    for axis, xlabel in (("epochs", "epochs"), ("train_seconds", "training time (s)"),
-                         ("patch_passes", "patch passes (views through the backbone per image)")):
-        series = []
-        for label in labels:
-            points = []
-            for budget in sorted({s["budget"] for s in trained if s["label"] == label}):
-                cs = [s for s in trained if s["label"] == label and s["budget"] == budget]
-                ys = [_metric(c, feature, probe) for c in cs]
-                ys = [y for y in ys if y is not None]
-                if ys:
-                    mean, std = _mean_std(ys)
-                    points.append((sum(c[axis] for c in cs) / len(cs), mean, std))
-            if points:
-                xs, ys, errs = zip(*points)
-                series.append((label, list(xs), list(ys), list(errs)))
-        name = {"epochs": "acc_vs_epochs", "train_seconds": "acc_vs_seconds", "patch_passes": "acc_vs_patch_passes"}
-        path = config.dir / f"{name[axis]}.png"
-        line_plot(path, series, title=f"{config.name}: {PROBE_NAMES[probe]} probe on {feature} features",
-                  xlabel=xlabel, ylabel="test accuracy (%)")
-        paths.append(path)
-    return paths
+    series = []
+    for label in dict.fromkeys(s["label"] for s in trained):
+        points = []
+        for budget in sorted({s["budget"] for s in trained if s["label"] == label}):
+            cs = [s for s in trained if s["label"] == label and s["budget"] == budget]
+            ys = [y for y in (_metric(c, feature, probe) for c in cs) if y is not None]
+            if ys:
+                mean, std = _mean_std(ys)
+                points.append((sum(c[axis] for c in cs) / len(cs), mean, std))
+        if points:
+            xs, ys, errs = zip(*points)
+            series.append((label, list(xs), list(ys), list(errs)))
+    return series
 
 
-def run_compare(config: CompareConfig, *, command: str = "", log=print) -> dict[str, Any]:
-    """Run every cell not yet done, then write compare.json, compare.md and the plots."""
+def accuracy_figures(config: CompareConfig, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{file stem: matplotlib figure}``: the primary metric against epochs, training seconds and patch
+    passes, one line per method with ± one standard deviation over seeds as error bars."""
+    from onepoch.plots import line_panels_figure
+
+    metric = primary_metric(config, summaries)
+    if metric is None:
+        return {}
+    feature, probe = metric
+    figures = {}
+    for axis, (stem, xlabel) in PLOT_AXES.items():
+        panel = {"series": accuracy_series(summaries, feature, probe, axis), "xlabel": xlabel,
+                 "ylabel": "test accuracy (%)", "legend": True,
+                 "title": f"{config.name}: {PROBE_NAMES[probe]} probe on {feature} features"}
+        figures[stem] = line_panels_figure([panel], panel_size=(7.0, 4.5))
+    return figures
+
+
+def write_plots(config: CompareConfig, summaries: list[dict[str, Any]], fmt: str = "png") -> list[Path]:
+    """Write :func:`accuracy_figures` into the comparison's directory (``fmt``: png, svg or pdf)."""
+    from onepoch.plots import save_figure
+
+    return [save_figure(fig, config.dir / f"{stem}.{fmt}") for stem, fig in accuracy_figures(config, summaries).items()]
+
+
+def run_compare(config: CompareConfig, *, command: str = "", fmt: str = "png", log=print) -> dict[str, Any]:
+    """Run every cell not yet done, then write compare.json, compare.md and the plots (``fmt``: png,
+    svg or pdf)."""
     config.dir.mkdir(parents=True, exist_ok=True)
     cells = plan_cells(config)
     total = len(cells) + (len(config.seeds) if config.random_init else 0)
@@ -460,7 +484,7 @@ def run_compare(config: CompareConfig, *, command: str = "", log=print) -> dict[
     report = {"config": asdict(config), "cells": summaries, "seconds": time.perf_counter() - t0}
     atomic_write_text(config.dir / "compare.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(config.dir / "compare.md", markdown + "\n")
-    plots = write_plots(config, summaries)
+    plots = write_plots(config, summaries, fmt)
     log("")
     log(markdown)
     log(f"wrote {config.dir / 'compare.md'}, compare.json and {len(plots)} plot(s)")

@@ -1,6 +1,7 @@
 """``onepoch demo``: EMP-SSL for one epoch on Fashion-MNIST on the CPU, then the evaluation, next to
 two baselines computed in the same run: logistic regression on raw pixels, and the same probes on
-the same network left at its random initialisation."""
+the same network left at its random initialisation; then the run's figures (``onepoch.report``:
+training curves, views, PCA map of the test features)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,10 @@ def run_demo(*, data_root: Path, out: Path, overrides: list[str], download: bool
     untrained = build_model(config, train_split.shape[-1]).to(device)
     random_init = evaluate_model(untrained, config, device=device, train_split=train_split, test_split=test_split,
                                  spec=spec, log=log)
+    from onepoch.report import read_metrics, write_figures
+
+    figures = write_figures(config.run_dir, config, read_metrics(config.run_dir), train_split, test_split,
+                            result.model)
     total = time.perf_counter() - t_start
 
     rows = [("logistic regression, raw pixels", trained.pop("raw_pixels"))]
@@ -84,10 +89,11 @@ def run_demo(*, data_root: Path, out: Path, overrides: list[str], download: bool
         "run": str(config.run_dir), "train_seconds": result.seconds, "patches_per_s": result.patches_per_s,
         "eval_seconds": eval_seconds, "total_seconds": total, "steps": result.steps,
         "online_probe_test_acc": result.online_probe_test_acc,
-        "raw_pixels": raw, "random_init": random_init, "emp_ssl": trained,
+        "raw_pixels": raw, "random_init": random_init, "emp_ssl": trained, "figures": [p.name for p in figures],
     }
     atomic_write_text(config.run_dir / "demo.json", json.dumps(report, indent=2) + "\n")
     log("")
     log(table)
-    log(f"\ntotal {total / 60:.1f} min (training {result.seconds / 60:.1f} min); results in {config.run_dir / 'demo.json'}")
+    log(f"\ntotal {total / 60:.1f} min (training {result.seconds / 60:.1f} min); results in "
+        f"{config.run_dir / 'demo.json'}, figures {', '.join(p.name for p in figures)} beside it")
     return report

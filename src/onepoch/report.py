@@ -1,11 +1,12 @@
-"""``onepoch report RUN_DIR``: a Markdown report of one run with PNG figures.
+"""``onepoch report RUN_DIR``: a Markdown report of one run with its figures (matplotlib).
 
-Writes into the run directory:
+Writes into the run directory (figures as PNG, or SVG / PDF with ``fmt``):
 
 - ``report.md``: the config in brief, training (steps, time, throughput, final loss parts), the online
   probe, the probe results of ``eval.json`` when the run was evaluated, and the figures;
-- ``curves_loss.png``, ``curves_lr.png``, ``curves_online_probe.png``, ``curves_throughput.png``:
-  the training curves from ``metrics.jsonl`` (a moving average over ``smooth`` steps for the noisy ones);
+- ``curves.png``: the training curves from ``metrics.jsonl`` in four panels: loss and its parts,
+  learning rate, online-probe batch accuracy, patches/s (a moving average over ``smooth`` steps for
+  the noisy ones);
 - ``views.png``: a few training images and the views the run's recipe makes of them (every view group);
 - ``embedding_pca.png``: the test images' backbone features (whole image, newest checkpoint) projected
   on their first two principal components, coloured by class.
@@ -23,6 +24,8 @@ import torch
 
 from onepoch.atomic import atomic_write_text
 from onepoch.errors import ConfigError
+
+FIGURE_FORMATS = ("png", "svg", "pdf")
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -57,40 +60,40 @@ def _loss_keys(rows: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if k == "loss" or any(r.get(k) != r.get("loss") for r in rows[:50])]
 
 
-def write_curves(run_dir: Path, rows: list[dict[str, Any]], smooth: int) -> list[Path]:
-    from onepoch.plots import line_plot
-
+def curves_panels(rows: list[dict[str, Any]], smooth: int) -> list[dict[str, Any]]:
+    """The training-curve panels of :func:`onepoch.plots.line_panels_figure` for ``metrics.jsonl``
+    rows: loss and its parts, learning rate, online-probe batch accuracy, patches/s; the noisy ones
+    (all but the learning rate) as trailing moving averages over ``smooth`` steps."""
     steps = [r["step"] for r in rows]
-    name = run_dir.name
-    paths = []
 
     def series(key: str, label: str | None = None, window: int = 1):
         ys = [float(r.get(key, math.nan)) for r in rows]
         return (label or key, steps, moving_average(ys, window) if window > 1 else ys)
 
-    keys = _loss_keys(rows)
-    plots = [
-        ("curves_loss.png", [series(k, window=smooth) for k in keys], "loss and its parts"),
-        ("curves_lr.png", [series("lr", "learning rate")], "learning rate"),
-        ("curves_online_probe.png", [series("online_probe_acc", "online probe (batch accuracy)", smooth)]
-         if any("online_probe_acc" in r for r in rows) else [], "online probe accuracy"),
-        ("curves_throughput.png", [series("patches_per_s", "patches/s", smooth)], "patches (views) per second"),
+    mean = f" ({smooth}-step mean)" if smooth > 1 else ""
+    probe = any("online_probe_acc" in r for r in rows)
+    return [
+        {"title": f"loss and its parts{mean}", "series": [series(k, window=smooth) for k in _loss_keys(rows)]},
+        {"title": "learning rate", "series": [series("lr", "learning rate")]},
+        {"title": f"online probe, batch accuracy{mean}",
+         "series": [series("online_probe_acc", "online probe", smooth)] if probe else []},
+        {"title": f"patches (views) per second{mean}", "series": [series("patches_per_s", "patches/s", smooth)]},
     ]
-    for filename, data, ylabel in plots:
-        path = run_dir / filename
-        line_plot(path, data, title=f"{name}: {ylabel}" + (f" ({smooth}-step mean)" if smooth > 1 else ""),
-                  xlabel="step", ylabel=ylabel)
-        paths.append(path)
-    return paths
 
 
-def save_views_figure(path: Path, originals, groups: list[torch.Tensor], *, scale: int | None = None,
-                      col_titles: list[str] | None = None) -> Path:
-    """A PNG with one row per image: the image, then its views. ``originals`` uint8 (n, H, W, C);
-    ``groups`` float views (V_g, n, C, s_g, s_g) in [0, 1] (un-normalised), all drawn at the largest
-    view size (smaller crops enlarged without smoothing)."""
-    from onepoch.plots import image_grid
+def write_curves(run_dir: Path, rows: list[dict[str, Any]], smooth: int, fmt: str = "png") -> Path:
+    """``curves.<fmt>``: the panels of :func:`curves_panels` in one figure."""
+    from onepoch.plots import line_panels_figure, save_figure
 
+    panels = [{**p, "xlabel": "step"} for p in curves_panels(rows, smooth)]
+    return save_figure(line_panels_figure(panels, title=f"{run_dir.name}: training"), run_dir / f"curves.{fmt}")
+
+
+def view_tiles(originals, groups: list[torch.Tensor]) -> np.ndarray:
+    """Tiles (n, 1 + V, s, s, C) in [0, 1]: per image, the image then its views. ``originals`` uint8
+    (n, H, W, C); ``groups`` float views (V_g, n, C, s_g, s_g) in [0, 1] (un-normalised), all shown at
+    the largest view size s (smaller crops enlarged without smoothing, the image resized with
+    antialiasing)."""
     if not isinstance(originals, torch.Tensor):
         originals = torch.from_numpy(np.array(originals))  # a copy: memory-mapped splits are read-only
     n, c = originals.shape[0], originals.shape[-1]
@@ -102,13 +105,23 @@ def save_views_figure(path: Path, originals, groups: list[torch.Tensor], *, scal
         first = torch.nn.functional.interpolate(first, size=(size, size), mode="bilinear", antialias=True,
                                                 align_corners=False)
     columns = torch.cat([first[None], *tiles])                                   # (1 + V, n, C, s, s)
-    grid = columns.permute(1, 0, 3, 4, 2).reshape(-1, size, size, c)             # row-major: image, its views
-    return image_grid(path, grid.clamp(0, 1).numpy(), rows=n, cols=columns.shape[0],
-                      scale=scale or max(1, math.ceil(64 / size)), col_titles=col_titles)
+    return columns.permute(1, 0, 3, 4, 2).clamp(0, 1).numpy()
 
 
-def write_views(run_dir: Path, config, split, images: int = 6, views_per_group: int = 4) -> Path:
-    """``views.png``: per row an image, then up to ``views_per_group`` views of each view group."""
+def save_views_figure(path: Path, tiles: np.ndarray, *, col_titles: list[str] | None = None,
+                      zoom: int | None = None) -> Path:
+    """Write :func:`view_tiles` output as a figure (one row per image: the image, then its views), each
+    pixel drawn ``zoom`` times (default: tiles at least 64 px wide); PNG, SVG or PDF after ``path``."""
+    from onepoch.plots import image_grid_figure, save_figure
+
+    zoom = zoom or max(1, math.ceil(64 / tiles.shape[2]))
+    return save_figure(image_grid_figure(tiles, col_titles=col_titles, zoom=zoom), path)
+
+
+def run_view_tiles(config, split, images: int = 6, views_per_group: int = 4) -> tuple[np.ndarray, list[str]]:
+    """The first ``images`` images of ``split`` and up to ``views_per_group`` views of each of the
+    run's view groups (its own generator seeded with ``config.seed``: the training randomness is left
+    alone), as :func:`view_tiles`, with column titles."""
     from onepoch.train import view_specs_for
     from onepoch.views import load_view_spec, make_views
 
@@ -121,8 +134,14 @@ def write_views(run_dir: Path, config, split, images: int = 6, views_per_group: 
         spec = load_view_spec(spec, {"count": min(spec.count, views_per_group), "mean": None, "std": None})
         groups.append(make_views(originals, spec, generator).view(spec.count, n, originals.shape[-1], spec.size,
                                                                   spec.size))
-        titles += [f"group {g + 1} view {i + 1}" if len(specs) > 1 else f"view {i + 1}" for i in range(spec.count)]
-    return save_views_figure(run_dir / "views.png", originals, groups, col_titles=titles)
+        titles += [f"group {g + 1}\nview {i + 1}" if len(specs) > 1 else f"view {i + 1}" for i in range(spec.count)]
+    return view_tiles(originals, groups), titles
+
+
+def write_views(run_dir: Path, config, split, fmt: str = "png") -> Path:
+    """``views.<fmt>``: per row an image, then up to 4 views of each view group."""
+    tiles, titles = run_view_tiles(config, split)
+    return save_views_figure(run_dir / f"views.{fmt}", tiles, col_titles=titles)
 
 
 def pca_2d(features: torch.Tensor) -> torch.Tensor:
@@ -135,9 +154,11 @@ def pca_2d(features: torch.Tensor) -> torch.Tensor:
     return x @ top
 
 
-def write_embedding(run_dir: Path, config, model, test_split, max_points: int = 5000) -> Path:
+def write_embedding(run_dir: Path, config, model, test_split, fmt: str = "png", max_points: int = 5000) -> Path:
+    """``embedding_pca.<fmt>``: the backbone features of the whole image of the first ``max_points``
+    test images, projected by :func:`pca_2d`, coloured by class."""
     from onepoch.eval import embed_split
-    from onepoch.plots import scatter_plot
+    from onepoch.plots import save_figure, scatter_figure
     from onepoch.train import pick_device, view_spec_for
 
     device = pick_device(config.train.device)
@@ -145,11 +166,20 @@ def write_embedding(run_dir: Path, config, model, test_split, max_points: int = 
     spec = view_spec_for(config, test_split.mean, test_split.std)
     feats = embed_split(model.to(device), test_split.images[:n], "full", spec=spec, batch_size=config.eval.batch_size,
                         device=device, seed=config.eval.seed, progress_desc="embed test (full)")
-    xy = pca_2d(feats.cpu()).numpy()
-    labels = np.array(test_split.labels[:n])
-    return scatter_plot(run_dir / "embedding_pca.png", xy, labels, class_names=list(test_split.class_names),
-                        title=f"{run_dir.name}: test features, first two principal components",
-                        xlabel="principal component 1", ylabel="principal component 2")
+    fig = scatter_figure(pca_2d(feats.cpu()).numpy(), np.array(test_split.labels[:n]),
+                         class_names=list(test_split.class_names),
+                         title=f"{run_dir.name}: test features, first two principal components",
+                         xlabel="principal component 1", ylabel="principal component 2", max_points=max_points)
+    return save_figure(fig, run_dir / f"embedding_pca.{fmt}")
+
+
+def write_figures(run_dir: Path, config, rows: list[dict[str, Any]], train_split, test_split, model=None, *,
+                  smooth: int = 20, fmt: str = "png") -> list[Path]:
+    """The run's figures: training curves, views, and (given the trained ``model``) the PCA map."""
+    figures = [write_curves(run_dir, rows, smooth, fmt), write_views(run_dir, config, train_split, fmt)]
+    if model is not None:
+        figures.append(write_embedding(run_dir, config, model, test_split, fmt))
+    return figures
 
 
 def _eval_lines(report: dict[str, Any]) -> list[str]:
@@ -166,25 +196,28 @@ def _eval_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(run_dir: str | Path, *, smooth: int = 20, log=print) -> Path:
-    """Write ``report.md`` and the figures for the run in ``run_dir``; return the report's path."""
+def write_report(run_dir: str | Path, *, smooth: int = 20, fmt: str = "png", log=print) -> Path:
+    """Write ``report.md`` and the figures (``fmt``: png, svg or pdf) for the run in ``run_dir``;
+    return the report's path."""
     from onepoch.eval import open_eval_splits
-    from onepoch.train import build_model, latest_checkpoint, load_checkpoint, load_model_state, read_run_config
+    from onepoch.checkpoints import latest_checkpoint, load_checkpoint, load_model_state
+    from onepoch.train import build_model, read_run_config
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
     rows = read_metrics(run_dir)
     if not rows:
         raise ConfigError(f"{run_dir}/metrics.jsonl holds no steps yet")
+    if fmt not in FIGURE_FORMATS:
+        raise ConfigError(f"figure format must be one of {', '.join(FIGURE_FORMATS)}, got {fmt!r}")
     train_split, test_split = open_eval_splits(config)
-    figures = write_curves(run_dir, rows, smooth)
-    figures.append(write_views(run_dir, config, train_split))
     ckpt = latest_checkpoint(run_dir)
+    model = None
     if ckpt is not None:
         state = load_checkpoint(ckpt)
         model = build_model(config, train_split.shape[-1])
         load_model_state(model, state, ckpt)
-        figures.append(write_embedding(run_dir, config, model, test_split))
+    figures = write_figures(run_dir, config, rows, train_split, test_split, model, smooth=smooth, fmt=fmt)
 
     from onepoch.compare import train_seconds
     from onepoch.runconfig import views_per_image
@@ -218,7 +251,7 @@ def write_report(run_dir: str | Path, *, smooth: int = 20, log=print) -> Path:
     else:
         lines += ["", "## Evaluation", "", f"Not evaluated yet: `onepoch eval {run_dir}`."]
     lines += ["", "## Figures", ""]
-    lines += [f"![{p.stem}]({p.name})" for p in figures]
+    lines += [f"![{p.stem}]({p.name})" if fmt != "pdf" else f"- [{p.stem}]({p.name})" for p in figures]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     log(f"wrote {path} and {len(figures)} figure(s)")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from onepoch.data import cifar, folder, idx, npz
-from onepoch.data.download import download, download_dir, offline
+from onepoch.data.download import download_dir, download_first, offline, verified_file
 from onepoch.data.prepared import SourceData, SplitArrays, check_split
 from onepoch.errors import DataError
 
@@ -48,14 +48,36 @@ SYSTEM_DIRS: dict[str, Path] = {
 }
 SYSTEM_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
 
-# Download locations, tried in order; IDX files are fetched as <base URL><stem>.gz.
+# Download locations, tried in order (HTTPS first; the official Fashion-MNIST host serves only HTTP,
+# which the pinned sha256 makes safe); IDX files are fetched as <base URL><stem>.gz.
 IDX_BASE_URLS: dict[str, tuple[str, ...]] = {
-    "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
-    "mnist": ("http://yann.lecun.com/exdb/mnist/", "https://ossci-datasets.s3.amazonaws.com/mnist/"),
+    "fashion-mnist": ("https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+                      "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"),
+    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"),
 }
 CIFAR_URLS: dict[str, str] = {
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
     "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+}
+# sha256 of every official file: a download (or a cached copy) with another hash is deleted, never used.
+# The same values are published by TensorFlow Datasets / Keras and match the MD5s torchvision pins.
+IDX_SHA256: dict[str, dict[str, str]] = {
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+        "train-labels-idx1-ubyte": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+        "t10k-images-idx3-ubyte": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+        "t10k-labels-idx1-ubyte": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+    },
+    "mnist": {
+        "train-images-idx3-ubyte": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+        "train-labels-idx1-ubyte": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+        "t10k-images-idx3-ubyte": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+        "t10k-labels-idx1-ubyte": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    },
+}
+CIFAR_SHA256: dict[str, str] = {
+    "cifar10": "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+    "cifar100": "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
 }
 
 
@@ -86,34 +108,18 @@ def find_idx_files(directory: Path) -> dict[tuple[str, str], Path | None]:
 def _idx_help(name: str) -> str:
     """How a user can get the IDX files of ``name`` by hand."""
     files = ", ".join(f"{stem}.gz" for stem in IDX_FILES.values())
-    manual = f"download {files} from {IDX_BASE_URLS[name][-1]} into a directory and pass --source DIR"
+    manual = f"download {files} from {IDX_BASE_URLS[name][0]} into a directory and pass --source DIR"
     if name in SYSTEM_PACKAGES:
         return f"install them with `apt-get install {SYSTEM_PACKAGES[name]}`, or {manual}"
     return manual
 
 
-def _download_idx_file(name: str, stem: str, dest: Path, bases: list[str]) -> str:
-    """Fetch ``<stem>.gz`` from the first of ``bases`` that serves a gzip file; returns that base."""
-    failures = []
-    for base in bases:
-        url = f"{base}{stem}.gz"
-        try:
-            download(url, dest, desc=f"{name} {stem}.gz")
-        except DataError as e:
-            failures.append(str(e))
-            continue
-        if idx.is_gzip(dest):
-            return base
-        dest.unlink(missing_ok=True)
-        failures.append(f"{url} did not return a gzip file")
-    raise DataError(f"{name}: {'; '.join(failures)}; {_idx_help(name)}")
-
-
 def locate_idx(name: str, source: str | os.PathLike | None, download_requested: bool) -> Path:
     """The directory holding the four IDX files of ``name``.
 
-    Order: ``source`` if given; the system directory (``SYSTEM_DIRS``); the download cache;
-    else the missing files are downloaded into the cache (unless downloads are disabled).
+    Order: ``source`` if given; the system directory (``SYSTEM_DIRS``); the download cache (each file
+    checked against its pinned sha256, a wrong one deleted); else the missing files are downloaded into
+    the cache from the mirrors of ``IDX_BASE_URLS`` (unless downloads are disabled).
     """
     if source is not None:
         directory = _absolute(source)
@@ -123,20 +129,28 @@ def locate_idx(name: str, source: str | os.PathLike | None, download_requested: 
         if missing:
             raise DataError(f"{directory}: missing {name} file(s) {', '.join(missing)} (plain or .gz)")
         return directory
+    system = SYSTEM_DIRS.get(name)
+    if system is not None and all(find_idx_files(system).values()):
+        return system
     cache = download_dir(name)
-    for directory in (SYSTEM_DIRS.get(name), cache):
-        if directory is not None and all(find_idx_files(directory).values()):
-            return directory
-    places = " or ".join(str(d) for d in (SYSTEM_DIRS.get(name), cache) if d is not None)
+    missing = [stem for stem in IDX_FILES.values()
+               if verified_file(cache / f"{stem}.gz", IDX_SHA256[name][stem]) is None]
+    if not missing:
+        return cache
+    places = " or ".join(str(d) for d in (system, cache) if d is not None)
     if not _downloads_allowed(download_requested):
         raise DataError(f"{name}: files not found in {places} and "
                         f"{_why_no_download(download_requested)}; {_idx_help(name)}")
     bases = list(IDX_BASE_URLS[name])
-    for key, path in find_idx_files(cache).items():
-        if path is None:
-            working = _download_idx_file(name, IDX_FILES[key], cache / f"{IDX_FILES[key]}.gz", bases)
-            bases.remove(working)
-            bases.insert(0, working)  # try the mirror that worked first for the next files
+    for stem in missing:
+        try:
+            url = download_first([f"{base}{stem}.gz" for base in bases], cache / f"{stem}.gz",
+                                 sha256=IDX_SHA256[name][stem], desc=f"{name} {stem}.gz")
+        except DataError as e:
+            raise DataError(f"{name}: {e}; {_idx_help(name)}") from None
+        working = url.removesuffix(f"{stem}.gz")
+        bases.remove(working)
+        bases.insert(0, working)  # try the mirror that worked first for the next files
     return cache
 
 
@@ -154,22 +168,24 @@ def read_idx_source(name: str, directory: Path) -> dict[str, SplitArrays]:
 
 
 def locate_cifar(name: str, source: str | os.PathLike | None, download_requested: bool) -> Path:
-    """The archive or extracted folder of ``name``: ``source`` if given, else the download cache,
-    else a fresh download into the cache (unless downloads are disabled)."""
+    """The archive or extracted folder of ``name``: ``source`` if given, else the download cache (checked
+    against the pinned sha256, a wrong file deleted), else a fresh download into the cache (unless
+    downloads are disabled)."""
     if source is not None:
         return cifar.resolve_cifar_source(name, source)
     archive = cifar.LAYOUTS[name].archive
     cached = download_dir(name) / archive
-    if cached.is_file():
+    if verified_file(cached, CIFAR_SHA256[name]) is not None:
         return cached
     help_text = f"download {CIFAR_URLS[name]} and pass --source PATH (the archive or its folder)"
     if not _downloads_allowed(download_requested):
         raise DataError(f"{name}: {archive} not found in {cached.parent} and "
                         f"{_why_no_download(download_requested)}; {help_text}")
     try:
-        return download(CIFAR_URLS[name], cached, desc=f"{name} {archive}")
+        download_first([CIFAR_URLS[name]], cached, sha256=CIFAR_SHA256[name], desc=f"{name} {archive}")
     except DataError as e:
         raise DataError(f"{name}: {e}; {help_text}") from None
+    return cached
 
 
 # --- option checks ---------------------------------------------------------------------------
