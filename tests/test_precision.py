@@ -55,7 +55,7 @@ def test_views_inside_autocast_stay_float32_and_equal():
     assert torch.equal(inside, plain)
 
 
-@pytest.mark.parametrize("name", ["emp_ssl", *TINY_HEADS])
+@pytest.mark.parametrize("name", list(dict.fromkeys(["emp_ssl", *TINY_HEADS])))
 def test_every_method_trains_under_bf16_with_views_outside_autocast(tmp_path, blobs, name,
                                                                      views_never_under_autocast):
     recipe = None if name == "emp_ssl" else f"{name}/fashion_mnist_1epoch"
@@ -161,7 +161,7 @@ def test_method_registry_is_covered():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", ["emp_ssl", *TINY_HEADS])
+@pytest.mark.parametrize("name", list(dict.fromkeys(["emp_ssl", *TINY_HEADS])))
 def test_every_method_trains_on_cuda_with_the_default_autocast(tmp_path, blobs, name, views_never_under_autocast):
     """On a GPU, train.amp=auto means bf16 autocast and channels_last: 5 steps, views rendered 2 steps
     per call, give finite float32 weights."""

@@ -32,6 +32,7 @@ from test_train import TINY, make_blobs
 import onepoch.atomic
 import onepoch.eval
 import onepoch.methods.emp_ssl as emp
+import onepoch.checkpoints
 import onepoch.train
 from onepoch.cli import main
 from onepoch.data import cifar
@@ -194,6 +195,7 @@ KILL_CHAINS = {  # method: (recipe, overrides, steps of the whole run, seed of t
 }
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path, base):
     """Real `onepoch train` processes are SIGKILLed at seeded-random steps (3 for EMP-SSL, 2 for BYOL with
     its EMA target) and resumed each time; each ends with the weights of an uninterrupted run. The two
@@ -247,6 +249,7 @@ save_checkpoint(run, state, keep=1)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, base, capsys):
     blobs, _ = base
     run = fresh_run(blobs, tmp_path / "runs")
@@ -266,7 +269,7 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, b
     run = fresh_run(blobs, tmp_path / "runs")
     before = tree_bytes(run / "checkpoints")
     with monkeypatch.context() as m:
-        fill_disk(m, onepoch.train, "step_*.pt")
+        fill_disk(m, onepoch.checkpoints, "step_*.pt")
         code, _, err = cli(capsys, *run_args(blobs, tmp_path / "runs", "base", "train.max_steps=6"), "--resume")
     assert_one_line_error(code, err, "No space left on device")
     assert tree_bytes(run / "checkpoints") == before and no_temp_files(run)

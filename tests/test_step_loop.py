@@ -83,3 +83,21 @@ def test_views_rendered_several_steps_per_call_are_the_same(tmp_path, blobs):
     train(resumed, resume=True, progress_bar=False)
     c = _weights(resumed)
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_each_rank_renders_its_rows_of_the_global_views():
+    """The views of a 12-image global batch rendered by 1 process equal, image by image, those that
+    3 ranks of 4 images render: view randomness does not depend on the number of processes."""
+    from onepoch.train import step_view_groups
+    from onepoch.views import get_preset, load_view_spec
+
+    images = torch.randint(0, 256, (2, 12, 16, 16, 3), dtype=torch.uint8)  # 2 steps
+    specs = [load_view_spec(get_preset("emp_ssl_cifar"), {"count": 3, "size": 8, "blur_p": 0.5}),
+             load_view_spec(get_preset("emp_ssl_cifar"), {"count": 2, "size": 6})]
+    whole = step_view_groups(list(images), specs, seed=5, first_step=10, channels_last=False)
+    for rank in range(3):
+        mine = step_view_groups([b[4 * rank:4 * rank + 4] for b in images], specs, seed=5, first_step=10,
+                                channels_last=False, rank=rank, world_size=3)
+        for step in range(2):
+            for g in range(2):
+                assert torch.equal(mine[step][g], whole[step][g][:, 4 * rank:4 * rank + 4])

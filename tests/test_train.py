@@ -189,3 +189,37 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path, blobs):
     torch.save(state, path)
     with pytest.raises(ConfigError, match="does not fit this model"):
         train(tiny_config(tmp_path, blobs, "train.max_steps=6"), resume=True, progress_bar=False)
+
+
+def test_train_logs_to_tensorboard(tmp_path, blobs):
+    """The TensorBoard events hold the same scalars as metrics.jsonl, step by step, and the views grid."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = tiny_config(tmp_path, blobs, "train.max_steps=4", "train.log_every=2", "train.log_to=[jsonl,tensorboard]")
+    train(config, progress_bar=False)
+    events = EventAccumulator(str(config.run_dir / "tensorboard"))
+    events.Reload()
+    rows = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in events.Scalars("loss/loss")] == [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars("loss/loss")] == pytest.approx([r["loss"] for r in rows])
+    assert events.Images("views")[0].step == 0
+
+
+def test_a_bad_config_writes_nothing_and_the_corrected_command_runs(tmp_path, blobs):
+    """An unknown architecture (or any config error) stops the run before its directory exists."""
+    with pytest.raises(ConfigError, match="unknown model.arch 'resnet99'"):
+        train(tiny_config(tmp_path, blobs, "model.arch=resnet99"), progress_bar=False)
+    assert not (tmp_path / "runs" / "t").exists()
+    with pytest.raises(ConfigError, match="data.batch_size 1000 is larger"):
+        train(tiny_config(tmp_path, blobs, "data.batch_size=1000"), progress_bar=False)
+    assert not (tmp_path / "runs" / "t").exists()
+    assert train(tiny_config(tmp_path, blobs, "train.max_steps=2"), progress_bar=False).steps == 2
+
+
+def test_resume_auto_starts_then_continues(tmp_path, blobs):
+    first = train(tiny_config(tmp_path, blobs, "train.max_steps=3", "train.resume=auto"), progress_bar=False)
+    assert first.steps == 3
+    again = train(tiny_config(tmp_path, blobs, "train.max_steps=5", "train.resume=auto"), progress_bar=False)
+    assert again.steps == 5 and [p.name for p in checkpoint_paths(again.run_dir)] == ["step_0000003.pt",
+                                                                                         "step_0000005.pt"]

@@ -66,11 +66,13 @@ def cmd_views(args: argparse.Namespace) -> int:
 
     from onepoch.config import parse_override
     from onepoch.data.prepared import open_split
-    from onepoch.report import save_views_figure
+    from onepoch.plots import figure_format
+    from onepoch.report import save_views_figure, view_tiles
     from onepoch.views import load_view_spec, make_views
 
     if args.images < 1 or args.views < 1:
         raise ConfigError("--images and --views must be >= 1")
+    figure_format(args.out)  # a bad extension fails before any work
     split = open_split(args.dataset, args.split)
     channels = split.shape[2]
     spec_name = args.spec or ("emp_ssl_fashion_mnist" if channels == 1 else "emp_ssl_cifar")
@@ -83,7 +85,8 @@ def cmd_views(args: argparse.Namespace) -> int:
     views = views.view(spec.count, n, channels, spec.size, spec.size)
     zoom = args.zoom or max(1, math.ceil(64 / spec.size))
     out = Path(args.out)
-    save_views_figure(out, split.images[:n], [views], scale=zoom)
+    titles = ["image", *(f"view {i + 1}" for i in range(spec.count))]
+    save_views_figure(out, view_tiles(split.images[:n], [views]), col_titles=titles, zoom=zoom)
     print(f"wrote {out}: {n} images x {spec.count} views of {spec.size}x{spec.size} "
           f"(spec {spec_name}{', ' + ' '.join(args.overrides) if args.overrides else ''})")
     return 0
@@ -98,10 +101,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from onepoch.runconfig import load_config
     from onepoch.train import train
 
-    config = load_config(args.recipe, args.overrides)
-    print(f"run {config.run_dir}: {config.method['name']} on {config.data.root}, {config.model.arch} "
-          f"(width {config.model.width}, {config.model.stem} stem), {config.train.epochs} epoch(s)")
-    result = train(config, resume=args.resume)
+    config = load_config(args.recipe, args.overrides)  # a bad config stops before any process starts
+    if args.nproc != 1:
+        return _launch(args, config)
+    from onepoch.distributed import launched_world
+
+    if launched_world().main:
+        print(f"run {config.run_dir}: {config.method['name']} on {config.data.root}, {config.model.arch} "
+              f"(width {config.model.width}, {config.model.stem} stem), {config.train.epochs} epoch(s)")
+    result = train(config, resume=True if args.resume else None)
+    if not result.main:
+        return 0  # rank 0 reports and evaluates
     print(f"trained to step {result.steps} in {result.seconds:.1f} s ({result.patches_per_s:,.0f} patches/s); "
           f"final loss {result.final_loss:.4f}; run directory {result.run_dir}")
     if result.online_probe_test_acc is not None:
@@ -112,6 +122,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         evaluate_run(result.run_dir)
         print(f"wrote {result.run_dir / 'eval.json'}")
     return 0
+
+
+def _launch(args: argparse.Namespace, config) -> int:
+    """``onepoch train ... --nproc N``: the same command in N processes started by PyTorch's own
+    launcher (``python -m torch.distributed.run --standalone --nproc_per_node N -m onepoch train ...``),
+    after the checks that need no process group."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from onepoch.errors import ConfigError
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
+    if config.data.batch_size % args.nproc:
+        raise ConfigError(f"data.batch_size {config.data.batch_size} (the global batch) is not divisible by the "
+                          f"{args.nproc} processes; use a multiple of {args.nproc}")
+    cuda = config.train.device.startswith("cuda") or (config.train.device == "auto" and torch.cuda.is_available())
+    if config.train.backend == "nccl" and not cuda:
+        raise ConfigError("train.backend nccl needs CUDA devices, and none is available; use gloo (CPU)")
+    if cuda and args.nproc > torch.cuda.device_count():
+        raise ConfigError(f"--nproc {args.nproc} needs {args.nproc} GPUs, this machine has {torch.cuda.device_count()}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "onepoch", "train", args.recipe, *args.overrides,
+               *(["--resume"] if args.resume else []), *(["--eval"] if args.eval else [])]
+    return subprocess.call(command)
 
 
 def _eval_overrides(args: argparse.Namespace) -> dict:
@@ -144,14 +181,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     config = load_compare_config(args.recipe, args.overrides)
     command = "onepoch compare " + " ".join(shlex.quote(a) for a in [args.recipe, *args.overrides])
-    run_compare(config, command=command)
+    run_compare(config, command=command, fmt=args.format)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from onepoch.report import write_report
 
-    write_report(args.run_dir, smooth=args.smooth)
+    write_report(args.run_dir, smooth=args.smooth, fmt=args.format)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from onepoch.export import export_backbone
+
+    info = export_backbone(args.run, args.format, args.out)
+    print(f"wrote {info['path']}: {info['arch']} backbone ({info['tensors']} tensors, {info['stem']} stem) "
+          f"from {info['source']}")
+    print(info["how_to_load"])
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from onepoch.api import recipes
+
+    entries = recipes()
+    width = max(len(name) for name in entries)
+    for name, summary in entries.items():
+        print(f"{name:<{width}}  {summary}")
     return 0
 
 
@@ -196,15 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-download", action="store_true", help="never download; fail if no local files")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("views", help="write a PNG grid of random views of a few images",
+    p = sub.add_parser("views", help="write a figure of random views of a few images",
                        description="Render random views of the first images of a prepared dataset "
-                       "into a PNG grid: one row per image, the original then its views.")
+                       "into a figure (PNG, SVG or PDF after --out): one row per image, the original then its views.")
     p.add_argument("dataset", metavar="DATASET", help="a prepared dataset directory")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="ViewSpec fields to override, e.g. count=8 blur_p=1.0 crop_scale=[0.2,1]")
     p.add_argument("--spec", help="a preset (emp_ssl_cifar, emp_ssl_fashion_mnist) or a YAML file "
                    "of ViewSpec fields (default: the EMP-SSL preset for the dataset's channels)")
-    p.add_argument("--out", default="views.png", help="PNG file to write (default views.png)")
+    p.add_argument("--out", default="views.png", help="figure to write: .png, .svg or .pdf (default views.png)")
     p.add_argument("--split", default="train", help="split to take images from (default train)")
     p.add_argument("--images", type=int, default=8, help="number of images (rows, default 8)")
     p.add_argument("--views", type=int, default=10, help="at most this many views per image (default 10)")
@@ -221,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.add_argument("--eval", action="store_true", help="evaluate the run when training ends")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine (torch.distributed.run; one GPU each on CUDA)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a run: linear probe and k-NN on its embeddings",
@@ -237,20 +296,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train and evaluate several methods x budgets x seeds; compare.md + plots",
                        description="Run (or reuse, or resume) every cell of a comparison: each method of the "
                        "recipe at each budget (epochs, patch passes or seconds) and seed, all evaluated with the "
-                       "same probes; then write compare.md, compare.json and PNG plots into <out>/<name>. "
+                       "same probes; then write compare.md, compare.json and plots into <out>/<name>. "
                        "Run it again after an interruption: finished cells are reused.")
     p.add_argument("recipe", metavar="RECIPE", help="a compare recipe: a YAML path or a shipped name "
                    "(compare/fashion_mnist_1epoch, compare/cifar10)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="e.g. data.root=data/fashion-mnist budgets=[1,3] seeds=[0,1] out=runs")
+    p.add_argument("--format", choices=("png", "svg", "pdf"), default="png", help="figure format (default png)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="report.md and figures for a run directory",
                        description="Write report.md into a run directory, with training curves, example views "
-                       "and a 2-D PCA map of the test features coloured by class (PNG files).")
+                       "and a 2-D PCA map of the test features coloured by class (PNG, SVG or PDF figures).")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds config.yaml and metrics.jsonl)")
     p.add_argument("--smooth", type=int, default=20, help="steps in the moving average of noisy curves (default 20)")
+    p.add_argument("--format", choices=("png", "svg", "pdf"), default="png", help="figure format (default png)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write a run's backbone for torchvision, timm or as safetensors",
+                       description="Write the backbone of a run (its newest checkpoint) or of a checkpoint file: "
+                       "--format torchvision or timm writes a state_dict (torch.save) with their parameter names, "
+                       "for a ResNet-18/34/50 with the ImageNet stem, width 1 and 3 channels, which loads with "
+                       "strict=False leaving out only fc; --format safetensors writes any onepoch backbone with its "
+                       "onepoch constructor in the file's metadata (onepoch.load_backbone reads it back).")
+    p.add_argument("run", metavar="RUN", help="a run directory or a checkpoint file")
+    p.add_argument("--format", required=True, choices=("torchvision", "timm", "safetensors"))
+    p.add_argument("--out", required=True, help="file to write")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes, one line each",
+                       description="List the recipes shipped with onepoch (onepoch train NAME, onepoch compare "
+                       "compare/NAME), each with the first line of its description.")
+    p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("demo", help="EMP-SSL for one epoch on Fashion-MNIST (CPU), evaluated against baselines",
                        description="Prepare Fashion-MNIST, train EMP-SSL for one epoch with the CPU-sized "

@@ -256,16 +256,10 @@ def open_eval_splits(config: RunConfig):
 def evaluate_run(run_dir: str | os.PathLike, *, overrides: dict[str, Any] | None = None, log=print
                  ) -> dict[str, Any]:
     """Evaluate the newest checkpoint of a run directory; write ``eval.json`` there and return it."""
+    from onepoch.checkpoints import latest_checkpoint, load_checkpoint, load_model_state
     from onepoch.runconfig import apply_overrides, build_config
-    from onepoch.train import (
-        build_model,
-        latest_checkpoint,
-        load_checkpoint,
-        load_model_state,
-        pick_device,
-        read_run_config,
-        view_spec_for,
-    )
+    from onepoch.tracking import Tracker
+    from onepoch.train import build_model, pick_device, read_run_config, view_spec_for
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
@@ -276,6 +270,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, overrides: dict[str, Any] | None
         from onepoch.errors import ConfigError
 
         raise ConfigError(f"{run_dir} has no checkpoint to evaluate (train it first)")
+    tracker = Tracker(run_dir, config.train.log_to)  # a missing TensorBoard fails here, before the work
     device = pick_device(config.train.device)
     train_split, test_split = open_eval_splits(config)
     state = load_checkpoint(ckpt)
@@ -289,6 +284,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, overrides: dict[str, Any] | None
     report = {"run": str(run_dir), "checkpoint": ckpt.name, "step": int(state["step"]),
               "eval_config": asdict(config.eval), "results": results}
     atomic_write_text(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
+    with tracker:
+        tracker.log_hparams(config, results)
     return report
 
 

@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,19 @@ class ModelConfig:
     arch: str = "resnet18"
     stem: str = "cifar"
     width: float = 1.0
+    sync_bn: bool = True               # with several processes: BatchNorm statistics over the global batch
+
+    def __post_init__(self):
+        from onepoch.models import BACKBONES as ARCHS, STEMS
+
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown model.arch {self.arch!r}{suggest(self.arch, ARCHS)}; "
+                              f"choose one of: {', '.join(ARCHS)}")
+        if self.stem not in STEMS:
+            raise ConfigError(f"unknown model.stem {self.stem!r}{suggest(self.stem, STEMS)}; "
+                              f"choose one of: {', '.join(STEMS)}")
+        if not (self.width > 0 and math.isfinite(self.width)):
+            raise ConfigError(f"model.width must be a finite number > 0, got {self.width}")
 
 
 @dataclass
@@ -91,6 +105,8 @@ class TrainConfig:
     online_probe: bool = True          # a linear classifier on detached backbone features of the first view
     online_probe_lr: float = 1e-3      # its own Adam optimizer
     log_every: int = 10                # steps between host syncs: metrics lines, progress bar, non-finite check
+    resume: str | bool = "off"         # off | on (continue the run) | auto (continue it if it has a checkpoint)
+    backend: str = "auto"              # several processes: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     view_steps: int | None = None      # steps of views rendered per call (null: 4 on CUDA, 1 on CPU); same views either way
     out: str = "runs"                  # the run directory is <out>/<name>
     log_to: tuple[str, ...] | str = ("jsonl",)  # also tensorboard (pip install "onepoch[tensorboard]"):
@@ -115,7 +131,10 @@ class TrainConfig:
             raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}")
         if self.view_steps is not None and self.view_steps < 1:
             raise ConfigError(f"train.view_steps must be >= 1 or null, got {self.view_steps}")
-        for key, choices in (("amp", ("auto", "bf16", "off")), ("channels_last", ("auto", "on", "off"))):
+        if isinstance(self.resume, bool):
+            self.resume = "on" if self.resume else "off"
+        for key, choices in (("amp", ("auto", "bf16", "off")), ("channels_last", ("auto", "on", "off")),
+                             ("resume", ("off", "on", "auto")), ("backend", ("auto", "nccl", "gloo"))):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"train.{key} must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
 
@@ -203,6 +222,23 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.train.out) / self.name
 
+    @cached_property
+    def method_config(self) -> Any:
+        """The method's config dataclass (e.g. ``EmpSSLConfig``), parsed once from ``method``."""
+        from onepoch import methods
+
+        entry = methods.get(self.method["name"])
+        return dataclass_from_dict(entry.config_class, {k: v for k, v in self.method.items() if k != "name"},
+                                   where="method")
+
+    @cached_property
+    def view_specs(self) -> tuple:
+        """The ViewSpec of each view group (one unless ``views.groups``), parsed once from ``views``;
+        without the dataset's normalisation, which :func:`onepoch.train.view_specs_for` adds."""
+        from onepoch.views import load_view_spec
+
+        return tuple(load_view_spec(preset, keys) for preset, keys in view_groups(self.views))
+
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig,
             "eval": EvalConfig}
@@ -262,7 +298,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any],
 def build_config(data: dict[str, Any]) -> RunConfig:
     """Check a config dict key by key (sections, method keys, view keys) and build a RunConfig."""
     from onepoch import methods
-    from onepoch.views import load_view_spec
 
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping, got {type(data).__name__}")
@@ -281,18 +316,15 @@ def build_config(data: dict[str, Any]) -> RunConfig:
     if not isinstance(method, dict):
         raise ConfigError("method must be a mapping with a 'name' key")
     method.setdefault("name", "emp_ssl")
-    entry = methods.get(method["name"])
-    # Check the method's keys now (unknown ones are errors); store the full, explicit set.
-    method_cfg = dataclass_from_dict(entry.config_class, {k: v for k, v in method.items() if k != "name"},
-                                     where="method")
-    values["method"] = {"name": entry.name, **dataclasses.asdict(method_cfg)}
     views = data.get("views") or {}
     if not isinstance(views, dict):
         raise ConfigError(f"views must be a mapping of view keys, got {type(views).__name__}")
-    for preset, keys in view_groups(views):
-        load_view_spec(preset, keys)  # validates the keys and values
-    values["views"] = dict(views)
-    return RunConfig(**values)
+    config = RunConfig(**values, method=method, views=dict(views))
+    # Parse the method's keys and the view groups now (unknown keys and bad values are errors), and
+    # store the method's full, explicit set of keys.
+    config.method = {"name": methods.get(method["name"]).name, **dataclasses.asdict(config.method_config)}
+    config.view_specs  # noqa: B018  (parsed and cached)
+    return config
 
 
 def views_per_image(views: dict[str, Any]) -> int:

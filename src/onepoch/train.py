@@ -11,7 +11,6 @@ view randomness and schedule as an uninterrupted run.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -27,11 +26,18 @@ import yaml
 from torch import nn
 
 from onepoch import __version__
-from onepoch.atomic import atomic_open, atomic_write_text
+from onepoch import distributed as dist_
+from onepoch.atomic import atomic_write_text
+from onepoch.checkpoints import (  # noqa: F401  (re-exported: onepoch.train was their home)
+    CHECKPOINT_FORMAT,
+    checkpoint_paths,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+)
 from onepoch.errors import ConfigError, OnepochError
 from onepoch.runconfig import RunConfig, build_config
-
-CHECKPOINT_FORMAT = 1
 
 
 class TrainingError(OnepochError):
@@ -56,18 +62,12 @@ def pick_device(name: str) -> torch.device:
 
 
 def view_specs_for(config: RunConfig, mean: list[float], std: list[float]) -> list:
-    """The run's ViewSpec of each view group (one unless ``views.groups``); the dataset's channel
-    mean/std normalise the views unless the recipe sets them."""
-    from onepoch.runconfig import view_groups
+    """The run's ViewSpec of each view group (``config.view_specs``); the dataset's channel mean/std
+    normalise the views unless the recipe sets them."""
     from onepoch.views import load_view_spec
 
-    specs = []
-    for preset, keys in view_groups(config.views):
-        spec = load_view_spec(preset, keys)
-        if spec.mean is None:
-            spec = load_view_spec(spec, {"mean": list(mean), "std": list(std)})
-        specs.append(spec)
-    return specs
+    return [spec if spec.mean is not None else load_view_spec(spec, {"mean": list(mean), "std": list(std)})
+            for spec in config.view_specs]
 
 
 def view_spec_for(config: RunConfig, mean: list[float], std: list[float], count: int | None = None):
@@ -90,13 +90,16 @@ def make_view_groups(images: torch.Tensor, specs: list, generator: torch.Generat
 
 
 def step_view_groups(batches: list[torch.Tensor], specs: list, seed: int, first_step: int, *,
-                     channels_last: bool) -> list[list[torch.Tensor]]:
+                     channels_last: bool, rank: int = 0, world_size: int = 1) -> list[list[torch.Tensor]]:
     """The views of consecutive training steps, rendered in one call per view group.
 
-    ``batches[k]`` is the uint8 batch (B, H, W, C) of step ``first_step + k``. The random parameters
-    of step s, group g come from :func:`onepoch.views.seeded_generator` ``(seed, s, g)``, so the views
-    of a step do not depend on how many steps are rendered together, nor on where a run resumed.
-    Returns, per step, a list of (count, B, C, size, size) per group (float32, outside autocast).
+    ``batches[k]`` is this rank's uint8 batch (b, H, W, C) of step ``first_step + k``: rows
+    ``rank*b .. rank*b + b - 1`` of the global batch of ``b * world_size`` images. The random
+    parameters of step s, group g are drawn for the global batch from
+    :func:`onepoch.views.seeded_generator` ``(seed, s, g)`` and each rank renders its own rows, so
+    the views of an image do not depend on the number of processes, on how many steps are rendered
+    together, nor on where a run resumed. Returns, per step, a list of (count, b, C, size, size) per
+    group (float32, outside autocast).
     """
     from onepoch.views import apply_view_params, concat_view_params, sample_view_params, seeded_generator
 
@@ -105,8 +108,14 @@ def step_view_groups(batches: list[torch.Tensor], specs: list, seed: int, first_
     h, w = images.shape[1], images.shape[2]
     per_step: list[list[torch.Tensor]] = [[] for _ in batches]
     for g, spec in enumerate(specs):
-        params = [sample_view_params(spec, n, h, w, seeded_generator(seed, first_step + k, g))
-                  for k, n in enumerate(sizes)]
+        params = []
+        for k, n in enumerate(sizes):
+            full = sample_view_params(spec, n * world_size, h, w, seeded_generator(seed, first_step + k, g))
+            if world_size > 1:  # this rank's images of every view: rows v*B + rank*n + (0..n-1)
+                rows = (torch.arange(spec.count).view(-1, 1) * n * world_size + rank * n + torch.arange(n)).flatten()
+                full = full.rows(rows)
+                full.image_index -= rank * n
+            params.append(full)
         views = apply_view_params(images, concat_view_params(params, sizes), spec, channels_last=channels_last)
         for k, part in enumerate(views.split([spec.count * n for n in sizes])):
             per_step[k].append(part.unflatten(0, (spec.count, sizes[k])))
@@ -116,15 +125,11 @@ def step_view_groups(batches: list[torch.Tensor], specs: list, seed: int, first_
 def build_model(config: RunConfig, in_chans: int) -> nn.Module:
     """The method module (backbone + heads) described by the config."""
     from onepoch import methods
-    from onepoch.config import dataclass_from_dict
     from onepoch.models import build_backbone
 
-    entry = methods.get(config.method["name"])
-    method_cfg = dataclass_from_dict(entry.config_class, {k: v for k, v in config.method.items() if k != "name"},
-                                     where="method")
     backbone = build_backbone(config.model.arch, stem=config.model.stem, width=config.model.width,
                               in_chans=in_chans)
-    return entry.module_class(backbone, method_cfg)
+    return methods.get(config.method["name"]).module_class(backbone, config.method_config)
 
 
 def config_to_yaml(config: RunConfig) -> str:
@@ -171,64 +176,6 @@ def online_probe_accuracy(model: nn.Module, probe: nn.Module, split, spec, *, de
     return correct / max(1, split.num_images)
 
 
-# --------------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------------
-
-
-def checkpoint_paths(run_dir: Path) -> list[Path]:
-    """The run's checkpoints, oldest first."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("step_*.pt") if p.stem[5:].isdigit())
-
-
-def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int) -> Path:
-    """Write ``checkpoints/step_<step>.pt`` atomically, then drop all but the newest ``keep``."""
-    folder = run_dir / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{state['step']:07d}.pt"
-    # Serialised in memory first: torch's zip writer would hide a failed write (a full disk) behind
-    # its own RuntimeError; a plain write raises the OSError itself.
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    with atomic_open(path, "wb") as f:
-        f.write(buffer.getbuffer())
-    for old in checkpoint_paths(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain data only, never code."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"checkpoint {path} does not exist") from None
-    except Exception as e:  # a corrupt file, or one that would need to run code to load
-        from onepoch.errors import one_line
-
-        raise ConfigError(f"checkpoint {path} cannot be loaded safely: {one_line(e)[:200]}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
-        raise ConfigError(f"{path} is not an onepoch checkpoint")
-    return state
-
-
-def load_model_state(model: nn.Module, state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Load a checkpoint's model weights; a checkpoint of another model is a ConfigError naming the file."""
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise ConfigError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    paths = checkpoint_paths(Path(run_dir))
-    return paths[-1] if paths else None
-
-
 def _parts_text(parts: dict[str, Any]) -> str:
     return ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
 
@@ -268,34 +215,52 @@ class TrainResult:
     run_dir: Path
     steps: int
     seconds: float            # wall time of the steps run in this call
-    patches_per_s: float
+    patches_per_s: float      # over all processes
     final_loss: float
     model: nn.Module
     online_probe_test_acc: float | None = None  # at the end of training, one view per test image
+    main: bool = True         # rank 0 (the process that wrote the files)
 
 
-def _prepare_run_dir(config: RunConfig, resume: bool) -> Path:
-    run_dir = config.run_dir
-    existing = run_dir / "config.yaml"
-    if resume:
-        if not existing.exists():
-            raise TrainingError(f"cannot resume: {run_dir} holds no run (no config.yaml)")
-        old = read_run_config(run_dir).to_dict()
-        new = config.to_dict()
-        diff = _config_diff(old, new)
-        if diff:
-            raise TrainingError(f"cannot resume {run_dir}: its config differs in {', '.join(diff[:5])}")
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise TrainingError(f"run directory {run_dir} already exists; pass --resume to continue it, "
-                            f"or choose another name=... or train.out=...")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(existing, config_to_yaml(config))
-    return run_dir
-
-
+RESUME_MODES = ("off", "on", "auto")
 # train.* keys that do not change what is computed: a resumed run may change them
-_RESUMABLE_TRAIN_KEYS = ("max_steps", "device", "threads", "out", "log_every", "view_steps")
+_RESUMABLE_TRAIN_KEYS = ("max_steps", "device", "threads", "out", "log_every", "view_steps", "resume", "backend",
+                         "log_to")
+
+
+def _open_run_dir(config: RunConfig, resume: str) -> bool:
+    """Check (and for a new run create) the run directory; True when there is a run to resume.
+
+    ``resume``: ``off`` (a new run; an existing run directory is an error), ``on`` (the run must
+    exist, with the same config up to the keys that do not change training) or ``auto`` (resume when
+    the directory holds a checkpoint, else start). Only rank 0 looks at the disk; every rank gets its
+    answer (or its error), so they all stop or go on together."""
+    def decide() -> tuple[bool, str | None]:
+        run_dir = config.run_dir
+        existing = run_dir / "config.yaml"
+        if resume == "on" or (resume == "auto" and latest_checkpoint(run_dir) is not None):
+            if not existing.exists():
+                return False, f"cannot resume: {run_dir} holds no run (no config.yaml)"
+            diff = _config_diff(read_run_config(run_dir).to_dict(), config.to_dict())
+            if diff:
+                return False, f"cannot resume {run_dir}: its config differs in {', '.join(diff[:5])}"
+            return True, None
+        if run_dir.exists() and any(p.name != "config.yaml" or resume != "auto" for p in run_dir.iterdir()):
+            return False, (f"run directory {run_dir} already exists; pass --resume to continue it, "
+                           f"or choose another name=... or train.out=...")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(existing, config_to_yaml(config))
+        return False, None
+
+    world = dist_.launched_world()
+    try:
+        answer = decide() if world.main else None
+    except OnepochError as e:
+        answer = (False, str(e))
+    resuming, error = dist_.broadcast_object(answer)
+    if error is not None:
+        raise TrainingError(error)
+    return resuming
 
 
 def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -362,8 +327,9 @@ class _StepLog:
     parameters), then writes one ``metrics.jsonl`` line per step (``patches_per_s`` is the mean over
     the flushed steps) and updates the progress bar."""
 
-    def __init__(self, file, bar, *, patches_per_step: int, checkpoints: Path):
-        self.file, self.bar = file, bar
+    def __init__(self, file, bar, tracker, *, patches_per_step: int, checkpoints: Path):
+        self.file, self.bar = file, bar  # file: None on ranks other than 0
+        self.tracker = tracker  # onepoch.tracking.Tracker: TensorBoard when train.log_to asks for it
         self.patches_per_step = patches_per_step
         self.checkpoints = checkpoints
         self.pending: list[_StepRecord] = []
@@ -377,8 +343,10 @@ class _StepLog:
     def flush(self) -> None:
         if not self.pending:
             return
-        # one flat tensor: the records may differ in length (a frozen parameter has no gradient)
-        flat = fetch_to_host(torch.cat([t for r in self.pending for t in (r.values, r.grad_finite.float())]))
+        # one flat tensor: the records may differ in length (a frozen parameter has no gradient); the
+        # mean over ranks: the loss and gradients are the same on every rank, the probe's numbers are not
+        flat = torch.cat([t for r in self.pending for t in (r.values, r.grad_finite.float())])
+        flat = fetch_to_host(dist_.mean_over_ranks(flat))
         rows, at = [], 0
         for r in self.pending:
             n = r.values.numel() + r.grad_finite.numel()
@@ -400,11 +368,14 @@ class _StepLog:
                     f"non-finite gradient at step {record.step} (the loss is finite: {_parts_text(loss_parts)}) in "
                     f"{len(bad)} parameter(s): {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}; "
                     f"the last good checkpoint is kept in {self.checkpoints}")
-            lines.append(json.dumps({"step": record.step + 1, "epoch": record.epoch, "loss": loss, **parts,
-                                     "lr": record.lr, "patches_per_s": rate, "time": record.time}) + "\n")
+            entry = {"step": record.step + 1, "epoch": record.epoch, "loss": loss, **parts, "lr": record.lr,
+                     "patches_per_s": rate, "time": record.time}
+            lines.append(json.dumps(entry) + "\n")
+            self.tracker.log_scalars(entry["step"], entry)
             self.last_loss = loss
-        self.file.write("".join(lines))
-        self.file.flush()
+        if self.file is not None:
+            self.file.write("".join(lines))
+            self.file.flush()
         postfix = {"loss": f"{self.last_loss:.3f}", "patches_s": f"{rate:,.0f}"}
         if "online_probe_acc" in parts:
             postfix["probe_acc"] = f"{parts['online_probe_acc']:.2f}"
@@ -425,12 +396,13 @@ def _steps(loader, step: int, end_step: int):
             step += 1
 
 
-def _steps_with_views(steps, specs: list, seed: int, per_call: int, channels_last: bool):
+def _steps_with_views(steps, specs: list, seed: int, per_call: int, channels_last: bool, world):
     """(step, batch, view groups) with the views of ``per_call`` consecutive steps rendered per call."""
     chunk = []
 
     def render():
-        views = step_view_groups([b.images for _, b in chunk], specs, seed, chunk[0][0], channels_last=channels_last)
+        views = step_view_groups([b.images for _, b in chunk], specs, seed, chunk[0][0], channels_last=channels_last,
+                                 rank=world.rank, world_size=world.size)
         return [(s, b, v) for (s, b), v in zip(chunk, views)]
 
     for item in steps:
@@ -454,157 +426,268 @@ def _probe_step(probe: nn.Module, probe_opt: torch.optim.Optimizer, feats: torch
     return torch.stack([loss.detach(), (logits.argmax(1) == labels).float().mean()])
 
 
-def train(config: RunConfig, *, resume: bool = False, progress_bar: bool = True) -> TrainResult:
-    """Train ``config`` to the end (or to ``train.max_steps``), writing the run directory."""
+@dataclass
+class _Run:
+    """Everything a run is built from, made before any file is written (a bad config stops here)."""
+
+    config: RunConfig
+    world: Any
+    device: torch.device
+    split: Any
+    specs: list
+    model: nn.Module           # the method module (what checkpoints hold)
+    net: nn.Module             # what the step calls: the model, wrapped in DDP / torch.compile
+    optimizer: torch.optim.Optimizer
+    probe: nn.Module | None
+    probe_net: nn.Module | None
+    probe_opt: torch.optim.Optimizer | None
+    loader: Any
+    total_steps: int
+    warmup: int
+    amp: bool
+    channels_last: bool
+
+    @property
+    def patches_per_step(self) -> int:
+        return self.config.data.batch_size * sum(spec.count for spec in self.specs)
+
+
+def _check_batch(config: RunConfig, split, world) -> int:
+    """This rank's share of ``data.batch_size`` (the global batch)."""
+    batch = config.data.batch_size
+    if batch % world.size:
+        raise ConfigError(f"data.batch_size {batch} (the global batch) is not divisible by the {world.size} "
+                          f"processes; use a multiple of {world.size}")
+    if batch > split.num_images:
+        raise ConfigError(f"data.batch_size {batch} is larger than the {config.data.train_split} "
+                          f"split ({split.num_images} images); use a smaller batch")
+    return batch // world.size
+
+
+def _check_same_config(config: RunConfig) -> None:
+    """Every rank must train the same config (launched with the same recipe and overrides)."""
+    mine = config_to_yaml(config)
+    configs = dist_.all_gather_objects(mine)
+    differing = [rank for rank, text in enumerate(configs) if text != configs[0]]
+    if differing:
+        diff = _config_diff(build_config(yaml.safe_load(configs[0])).to_dict(),
+                            build_config(yaml.safe_load(configs[differing[0]])).to_dict())
+        raise ConfigError(f"the processes were given different configs: rank {differing[0]} differs from rank 0 in "
+                          f"{', '.join(diff[:3]) or 'keys that do not change training'}")
+
+
+def _build(config: RunConfig, world) -> _Run:
+    from torch.nn.parallel import DistributedDataParallel
+
     from onepoch.data.loader import BatchLoader
     from onepoch.data.prepared import open_split
-    from onepoch.optim import build_optimizer, set_learning_rate, warmup_cosine
-    from onepoch.progress import progress
+    from onepoch.optim import build_optimizer
 
-    tc = config.train
+    tc, oc = config.train, config.optim
     device = pick_device(tc.device)
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    dist_.start(world, tc.backend, device.type)
+    _check_same_config(config)
     # verify: re-hash the arrays against meta.json (a damaged dataset stops here, not mid-run)
     split = open_split(Path(config.data.root), config.data.train_split, verify=True)
     if config.data.limit is not None and config.data.limit < split.num_images:
         split = split.subset(config.data.limit)
-    if config.data.batch_size > split.num_images:  # checked before the run directory is created
-        raise ConfigError(f"data.batch_size {config.data.batch_size} is larger than the {config.data.train_split} "
-                          f"split ({split.num_images} images); use a smaller batch")
-    in_chans = split.shape[-1]
+    per_rank = _check_batch(config, split, world)
     specs = view_specs_for(config, split.mean, split.std)
-    run_dir = _prepare_run_dir(config, resume)
 
     torch.manual_seed(config.seed)
-    model = build_model(config, in_chans).to(device)
+    model = build_model(config, split.shape[-1]).to(device)
     use_cl = tc.channels_last != "off"
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
-    amp = use_amp(tc.amp, device)
-    oc = config.optim
+    probe = build_online_probe(model.backbone.feature_dim, len(split.class_names)).to(device) \
+        if tc.online_probe else None
+    if world.size > 1 and config.model.sync_bn:
+        model = dist_.convert_sync_batchnorm(model, device.type)
+        probe = dist_.convert_sync_batchnorm(probe, device.type) if probe is not None else None
     optimizer = build_optimizer(model.named_parameters(), oc.name, lr=oc.lr, weight_decay=oc.weight_decay,
                                 momentum=oc.momentum, trust_coefficient=oc.trust_coefficient,
                                 norm_bias_lr_scale=oc.norm_bias_lr_scale)
-    probe = probe_opt = None
-    if tc.online_probe:
-        probe = build_online_probe(model.backbone.feature_dim, len(split.class_names)).to(device)
-        probe_opt = torch.optim.Adam(probe.parameters(), lr=tc.online_probe_lr)
-    loader = BatchLoader(split, config.data.batch_size, device=device, shuffle=True, drop_last=True,
-                         seed=config.seed)
-    steps_per_epoch = len(loader)
-    total_steps = max(1, round(steps_per_epoch * tc.epochs))
+    probe_opt = torch.optim.Adam(probe.parameters(), lr=tc.online_probe_lr) if probe is not None else None
+    net, probe_net = model, probe
+    if world.size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = DistributedDataParallel(model, device_ids=ids)
+        probe_net = DistributedDataParallel(probe, device_ids=ids) if probe is not None else None
+    if tc.compile:
+        net = torch.compile(net)
+    loader = BatchLoader(split, per_rank, device=device, shuffle=True, drop_last=True, seed=config.seed,
+                         rank=world.rank, world_size=world.size)
+    total_steps = max(1, round(len(loader) * tc.epochs))
     warmup = int(round(oc.warmup_steps * total_steps)) if oc.warmup_steps < 1 else int(oc.warmup_steps)
+    return _Run(config, world, device, split, specs, model, net, optimizer, probe, probe_net, probe_opt, loader,
+                total_steps, warmup, use_amp(tc.amp, device), use_cl)
 
-    step = 0
+
+def _snapshot(run: _Run, step: int) -> dict[str, Any]:
+    """The checkpoint of ``run`` after ``step`` steps."""
+    return {
+        "format": CHECKPOINT_FORMAT, "onepoch_version": __version__, "step": step, "total_steps": run.total_steps,
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "config": run.config.to_dict(),
+        "probe": run.probe.state_dict() if run.probe is not None else None,
+        "probe_optimizer": run.probe_opt.state_dict() if run.probe_opt is not None else None,
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None},
+    }
+
+
+def _restore(run: _Run) -> int:
+    """Load the newest checkpoint into ``run`` (every rank reads the same file); returns its step."""
+    path = dist_.broadcast_object(latest_checkpoint(run.config.run_dir) if run.world.main else None)
+    if path is None:
+        return 0
+    state = load_checkpoint(path)
+    load_model_state(run.model, state, path)
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.probe is not None and state.get("probe") is not None:
+        run.probe.load_state_dict(state["probe"])
+        run.probe_opt.load_state_dict(state["probe_optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if run.device.type == "cuda" and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], run.device)
+    return int(state["step"])
+
+
+def _train_step(run: _Run, step: int, views: list[torch.Tensor], labels: torch.Tensor) -> _StepRecord:
+    """One optimizer step (and the online probe's); nothing here waits for the device."""
+    from onepoch.optim import set_learning_rate, warmup_cosine
+
+    oc = run.config.optim
+    lr = oc.lr * warmup_cosine(step, run.total_steps, run.warmup, oc.final_lr_ratio)
+    set_learning_rate(run.optimizer, lr)
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
+        loss, parts, feats = run.net(views)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    hook = getattr(run.model, "before_optimizer_step", None)
+    if hook is not None:
+        hook(step, run.total_steps)
+    grad_names, grad_finite = _gradient_finiteness(run.model)
+    run.optimizer.step()
+    hook = getattr(run.model, "after_optimizer_step", None)
+    if hook is not None:
+        hook(step, run.total_steps)
+    keys = list(parts)
+    values = [loss.detach().float().reshape(1), torch.stack([v.float() for v in parts.values()])]
+    if run.probe is not None:
+        keys += ["online_probe_loss", "online_probe_acc"]
+        values.append(_probe_step(run.probe_net, run.probe_opt, feats, labels))
+    return _StepRecord(step=step, epoch=step // len(run.loader), lr=lr, time=time.time(), keys=keys,
+                       values=torch.cat(values), grad_names=grad_names, grad_finite=grad_finite)
+
+
+def train(config: RunConfig, *, resume: bool | str | None = None, progress_bar: bool = True) -> TrainResult:
+    """Train ``config`` to the end (or to ``train.max_steps``), writing the run directory.
+
+    ``resume``: True / ``"on"`` (continue the run), ``"auto"`` (continue it if it has a checkpoint,
+    else start it), False / ``"off"``; None takes ``train.resume``. Started by torchrun (``WORLD_SIZE``
+    > 1), each process trains its share of every global batch and rank 0 writes the files."""
+    from onepoch.progress import progress
+
+    mode = config.train.resume if resume is None else {True: "on", False: "off"}.get(resume, resume)
+    if mode not in RESUME_MODES:
+        raise ConfigError(f"resume must be one of {', '.join(RESUME_MODES)}, got {mode!r}")
+    from onepoch.tracking import Tracker
+
+    world = dist_.launched_world()
+    run = _build(config, world)  # every config error is raised here, before anything is written
+    # checks that TensorBoard imports when train.log_to asks for it; writes nothing yet
+    tracker = Tracker(config.run_dir, config.train.log_to if world.main else ("jsonl",))
+    run_dir = config.run_dir
+    resuming = _open_run_dir(config, mode)
+    tc = config.train
+    step = _restore(run) if resuming else 0
     metrics_path = run_dir / "metrics.jsonl"
-    if resume:
-        ckpt_path = latest_checkpoint(run_dir)
-        if ckpt_path is not None:
-            state = load_checkpoint(ckpt_path)
-            load_model_state(model, state, ckpt_path)
-            optimizer.load_state_dict(state["optimizer"])
-            if probe is not None and state.get("probe") is not None:
-                probe.load_state_dict(state["probe"])
-                probe_opt.load_state_dict(state["probe_optimizer"])
-            step = int(state["step"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if device.type == "cuda" and state["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    if resuming and world.main:
         _truncate_metrics(metrics_path, step)
+    tracker.start_step = step
+    if step == 0 and "tensorboard" in config.train.log_to and world.main:
+        from onepoch.report import run_view_tiles
 
-    run_model = torch.compile(model) if tc.compile else model
-    end_step = total_steps if tc.max_steps is None else min(total_steps, tc.max_steps)
-    patches_per_step = config.data.batch_size * sum(spec.count for spec in specs)
-    before_step = getattr(model, "before_optimizer_step", None)
-    after_step = getattr(model, "after_optimizer_step", None)
-    view_steps = tc.view_steps or (4 if device.type == "cuda" else 1)
+        tracker.log_views(0, run_view_tiles(config, run.split)[0])
 
-    def snapshot(at: int) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT, "onepoch_version": __version__, "step": at, "total_steps": total_steps,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config.to_dict(),
-            "probe": probe.state_dict() if probe is not None else None,
-            "probe_optimizer": probe_opt.state_dict() if probe_opt is not None else None,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-        }
-
-    model.train()
+    end_step = run.total_steps if tc.max_steps is None else min(run.total_steps, tc.max_steps)
+    view_steps = tc.view_steps or (4 if run.device.type == "cuda" else 1)
+    run.model.train()
     start = time.perf_counter()
     first_step = step
     bar = progress(total=end_step, initial=step, desc=f"train {config.name}", unit="step",
-                   disable=not progress_bar)
-    stream = _steps_with_views(_steps(loader, step, end_step), specs, config.seed, view_steps, use_cl)
-    with open(metrics_path, "a", encoding="utf-8") as metrics_file:
-        log = _StepLog(metrics_file, bar, patches_per_step=patches_per_step, checkpoints=run_dir / "checkpoints")
+                   disable=not (progress_bar and world.main))
+    stream = _steps_with_views(_steps(run.loader, step, end_step), run.specs, config.seed, view_steps,
+                               run.channels_last, world)
+    with open(metrics_path, "a", encoding="utf-8") if world.main else _no_file() as metrics_file, tracker:
+        log = _StepLog(metrics_file, bar, tracker, patches_per_step=run.patches_per_step,
+                       checkpoints=run_dir / "checkpoints")
         while step < end_step:
             try:
-                step_, batch, views = next(stream)
-                assert step_ == step
-                lr = oc.lr * warmup_cosine(step, total_steps, warmup, oc.final_lr_ratio)
-                set_learning_rate(optimizer, lr)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss, parts, feats = run_model(views)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if before_step is not None:
-                    before_step(step, total_steps)
-                grad_names, grad_finite = _gradient_finiteness(model)
-                optimizer.step()
-                if after_step is not None:
-                    after_step(step, total_steps)
-                keys = list(parts)
-                values = [loss.detach().float().reshape(1), torch.stack([v.float() for v in parts.values()])]
-                if probe is not None:
-                    keys += ["online_probe_loss", "online_probe_acc"]
-                    values.append(_probe_step(probe, probe_opt, feats, batch.labels))
+                _, batch, views = next(stream)
+                record = _train_step(run, step, views, batch.labels)
             except Exception as e:
                 # A step after a non-finite one may fail on its NaN weights (e.g. a Cholesky): the
                 # pending records name the first bad step, which is the error to report.
                 log.flush()
                 if _is_out_of_memory(e):
                     raise TrainingError(
-                        f"out of memory at step {step} on {device} ({config.data.batch_size} images x "
-                        f"{patches_per_step // config.data.batch_size} views per step): lower data.batch_size "
+                        f"out of memory at step {step} on {run.device} ({config.data.batch_size} images x "
+                        f"{run.patches_per_step // config.data.batch_size} views per step): lower data.batch_size "
                         f"or views.count; the last good checkpoint is kept in {run_dir / 'checkpoints'}"
                     ) from None
                 raise
-            log.add(_StepRecord(step=step, epoch=step // steps_per_epoch, lr=lr, time=time.time(), keys=keys,
-                                values=torch.cat(values), grad_names=grad_names, grad_finite=grad_finite))
+            log.add(record)
             step += 1
             save = step % tc.checkpoint_every == 0 or step == end_step
             if save or step % tc.log_every == 0:
                 log.flush()  # before a checkpoint: a non-finite step stops the run before it is saved
-            if save:
-                save_checkpoint(run_dir, snapshot(step), tc.keep_checkpoints)
+            if save and world.main:
+                save_checkpoint(run_dir, _snapshot(run, step), tc.keep_checkpoints)
     bar.close()
     seconds = time.perf_counter() - start
     done = step - first_step
     online_acc = None
-    if probe is not None and step == total_steps:
-        online_acc = _online_probe_report(config, model, probe, specs[0], device, amp, use_cl, run_dir, step)
-    if done == 0 and latest_checkpoint(run_dir) is None:
-        save_checkpoint(run_dir, snapshot(step), tc.keep_checkpoints)
+    if run.probe is not None and step == run.total_steps:
+        online_acc = dist_.broadcast_object(_online_probe_report(run, step) if world.main else None)
+    if done == 0 and world.main and latest_checkpoint(run_dir) is None:
+        save_checkpoint(run_dir, _snapshot(run, step), tc.keep_checkpoints)
     return TrainResult(run_dir=run_dir, steps=step, seconds=seconds,
-                       patches_per_s=done * patches_per_step / seconds if seconds > 0 and done else 0.0,
-                       final_loss=log.last_loss, model=model, online_probe_test_acc=online_acc)
+                       patches_per_s=done * run.patches_per_step / seconds if seconds > 0 and done else 0.0,
+                       final_loss=log.last_loss, model=run.model, online_probe_test_acc=online_acc,
+                       main=world.main)
 
 
-def _online_probe_report(config: RunConfig, model, probe, spec, device, amp: bool, channels_last: bool,
-                         run_dir: Path, step: int) -> float | None:
+class _no_file:
+    """``with _no_file() as f`` gives None: the metrics file of a rank that writes nothing."""
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _online_probe_report(run: _Run, step: int) -> float | None:
     """Test accuracy of the online probe at the end of training, written to ``online_probe.json``."""
     from onepoch.data.prepared import open_split
     from onepoch.errors import DataError
 
+    config = run.config
     try:
         test = open_split(Path(config.data.root), config.data.test_split)
     except DataError:
         return None  # no test split: nothing to report
     if config.data.test_limit is not None and config.data.test_limit < test.num_images:
         test = test.subset(config.data.test_limit)
-    acc = online_probe_accuracy(model, probe, test, spec, device=device, batch_size=config.eval.batch_size,
-                                seed=config.eval.seed, amp=amp, channels_last=channels_last)
-    atomic_write_text(run_dir / "online_probe.json",
+    acc = online_probe_accuracy(run.model, run.probe, test, run.specs[0], device=run.device,
+                                batch_size=config.eval.batch_size, seed=config.eval.seed, amp=run.amp,
+                                channels_last=run.channels_last)
+    atomic_write_text(config.run_dir / "online_probe.json",
                       json.dumps({"step": step, "split": config.data.test_split, "test_acc": acc}, indent=2) + "\n")
     return acc

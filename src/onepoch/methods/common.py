@@ -1,14 +1,38 @@
-"""What the joint-embedding baselines share: a backbone with a projector from a spec, view groups
-stacked for one backbone pass, and the EMA target networks of BYOL and ReSSL."""
+"""What the joint-embedding methods share: a backbone with a projector from a spec, view groups
+stacked into (V, B, ...) and passed through the networks jointly or view by view (``bn_views``), and
+the EMA target networks of BYOL and ReSSL."""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
 
+from onepoch.errors import ConfigError
 from onepoch.models import mlp
+
+BN_VIEWS = ("joint", "separate")
+
+
+def check_bn_views(value: str) -> None:
+    """Raise ConfigError unless ``value`` is a ``method.bn_views`` choice."""
+    if value not in BN_VIEWS:
+        raise ConfigError(f"method.bn_views must be one of {', '.join(BN_VIEWS)}, got {value!r}")
+
+
+def per_view(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bn_views: str) -> torch.Tensor:
+    """``fn`` (a batch of rows in, rows out) on views ``x`` of shape (V, B, ...), giving (V, B, ...).
+
+    ``joint``: one call on all V·B rows, so BatchNorm normalises with statistics over every view;
+    ``separate``: one call per view, so each view's B rows are their own batch (BatchNorm statistics
+    of one view at a time), as two separate forward passes of two views do.
+    """
+    check_bn_views(bn_views)
+    v, b = x.shape[:2]
+    out = fn(x.flatten(0, 1)) if bn_views == "joint" else torch.cat([fn(x[i]) for i in range(v)])
+    return out.unflatten(0, (v, b))
 
 
 def stack_views(views: list[torch.Tensor]) -> torch.Tensor:
@@ -49,13 +73,17 @@ class BackboneProjector(nn.Module):
     """``backbone`` then ``projector = mlp(feature_dim, spec)``; subclasses define ``forward``.
 
     ``embed_views(views)`` maps view groups (V_g, B, C, h, w) of one size to float32 embeddings
-    [V, B, d] and the backbone features (V·B, F) they came from, in one backbone pass.
+    [V, B, d] and the backbone features (V·B, F) they came from (view-major: rows v·B .. v·B+B−1 are
+    view v), all views in one pass through backbone and projector (``bn_views="joint"``) or one view
+    per pass (``"separate"``), see :func:`per_view`.
     """
 
-    def __init__(self, backbone: nn.Module, projector: str | int):
+    def __init__(self, backbone: nn.Module, projector: str | int, bn_views: str = "joint"):
         super().__init__()
+        check_bn_views(bn_views)
         self.backbone = backbone
         self.projector = mlp(backbone.feature_dim, projector)
+        self.bn_views = bn_views
 
     feature_layers = ("backbone", "projector")
 
@@ -65,8 +93,6 @@ class BackboneProjector(nn.Module):
         return {"backbone": h, "projector": self.projector(h)}
 
     def embed_views(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = stack_views(views)
-        v, b = x.shape[:2]
-        h = self.backbone(x.flatten(0, 1))
-        z = self.projector(h)
-        return z.float().view(v, b, z.shape[-1]), h
+        h = per_view(self.backbone, stack_views(views), self.bn_views)
+        z = per_view(self.projector, h, self.bn_views)
+        return z.float(), h.flatten(0, 1)

@@ -4,6 +4,10 @@ patch invariance.
 Heads as in the paper's code: ``pre_feature`` = Linear(feature→4096) + BN + ReLU (the representation
 that the bag-of-features evaluation averages over patches), then ``projection`` = Linear(4096→4096)
 + BN + ReLU + Linear(4096→1024), L2-normalised. Loss: :func:`onepoch.losses.emp_ssl_loss`.
+
+``bn_views`` (default ``joint``): the official code concatenates all patches of the batch and runs
+the network once on the n·B patches, so BatchNorm statistics span all patches; ``separate`` runs
+each patch index (B patches, one per image) as its own batch.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onepoch.distributed import gather_batch
 from onepoch.losses import emp_ssl_loss
-from onepoch.methods.common import stack_views
+from onepoch.methods.common import check_bn_views, per_view, stack_views
 from onepoch.models import mlp, parse_mlp_spec
 
 
@@ -25,10 +30,12 @@ class EmpSSLConfig:
     projector: str | int = "4096-1024"   # then hidden Linear+BN+ReLU layers and a final Linear
     eps: float = 0.2                 # ε of the total coding rate, scale d/(B·ε)
     invariance_weight: float = 200.0  # λ
+    bn_views: str = "joint"          # all patches in one batch, as the official code
 
     def __post_init__(self):
         from onepoch.errors import ConfigError
 
+        check_bn_views(self.bn_views)
         parse_mlp_spec(self.pre_feature)
         parse_mlp_spec(self.projector)
         if not self.eps > 0:
@@ -60,9 +67,9 @@ class EmpSSL(nn.Module):
         return {"backbone": h, "pre_feature": pre, "projector": self.projection(pre)}
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        x = stack_views(views)
-        h = self.backbone(x.flatten(0, 1))
-        z = F.normalize(self.projection(self.pre_feature(h)), dim=-1)
-        z = z.float().view(x.shape[0], x.shape[1], z.shape[-1])
+        mode = self.config.bn_views
+        h = per_view(self.backbone, stack_views(views), mode)
+        z = per_view(self.projection, per_view(self.pre_feature, h, mode), mode)
+        z = gather_batch(F.normalize(z.float(), dim=-1), dim=1)  # the global batch under DDP
         loss, parts = emp_ssl_loss(z, eps=self.config.eps, invariance_weight=self.config.invariance_weight)
-        return loss, parts, h
+        return loss, parts, h.flatten(0, 1)

@@ -8,6 +8,11 @@ and flip only in the paper), the other groups are the student's strongly augment
 the teacher embedding of the first weak view. After the loss the teacher embeddings of the batch
 replace the oldest entries of the queue (``queue_size`` L2-normalised vectors, random at the start;
 a buffer, so it is in every checkpoint).
+
+``bn_views`` (default ``separate``): in the official code the student and the teacher each get one
+view (a batch of B images) per forward pass; with several student views, ``separate`` keeps that
+(each view its own batch) and ``joint`` runs them in one batch. The teacher embeds only the first
+weak view, one batch of B either way.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onepoch.distributed import gather_batch
 from onepoch.errors import ConfigError
 from onepoch.losses import ressl_loss
-from onepoch.methods.common import BackboneProjector, cosine_momentum, ema_update_, frozen_copy
+from onepoch.methods.common import BackboneProjector, check_bn_views, cosine_momentum, ema_update_, frozen_copy
 from onepoch.models import parse_mlp_spec
 
 
@@ -31,9 +37,11 @@ class ReSSLConfig:
     tau_student: float = 0.1
     tau_teacher: float = 0.04
     momentum: float = 0.99              # the EMA momentum at the first step, 1 at the last
+    bn_views: str = "separate"          # each student view its own batch, as the official code
 
     def __post_init__(self):
         parse_mlp_spec(self.projector)
+        check_bn_views(self.bn_views)
         if self.queue_size < 1:
             raise ConfigError(f"method.queue_size must be >= 1, got {self.queue_size}")
         for key in ("tau_student", "tau_teacher"):
@@ -63,7 +71,7 @@ class ReSSL(BackboneProjector):
     name = "ressl"
 
     def __init__(self, backbone: nn.Module, config: ReSSLConfig):
-        super().__init__(backbone, config.projector)
+        super().__init__(backbone, config.projector, config.bn_views)
         self.config = config
         self.target_backbone = frozen_copy(self.backbone)
         self.target_projector = frozen_copy(self.projector)
@@ -76,9 +84,10 @@ class ReSSL(BackboneProjector):
             raise ValueError("ReSSL needs two view groups: the teacher's weak views, then the student's "
                              "(views.groups in the recipe)")
         z, h = self.embed_views(views[1:])
+        z = gather_batch(z, dim=1)  # the global batch under DDP (the queue too)
         with torch.no_grad():
             weak = views[0][0]
-            teacher = self.target_projector(self.target_backbone(weak)).float()
+            teacher = gather_batch(self.target_projector(self.target_backbone(weak)).float())
         losses = [ressl_loss(z[i], teacher, self.queue, self.config.tau_student, self.config.tau_teacher)
                   for i in range(z.shape[0])]
         loss = torch.stack(losses).mean()

@@ -1,0 +1,186 @@
+"""Data-parallel training on the CPU with gloo: N processes train exactly what one process trains
+with the same global batch, rank 0 writes, a killed rank is restarted by torchrun and resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_methods import TINY_HEADS
+from test_train import make_blobs
+
+from onepoch.checkpoints import checkpoint_paths, load_checkpoint
+from onepoch.runconfig import load_config
+from onepoch.train import train
+
+HEADS = {**TINY_HEADS, "emp_ssl": ["method.pre_feature=32", "method.projector=32-16"]}
+METHODS = list(dict.fromkeys(["emp_ssl", *TINY_HEADS]))
+# 100 images, a global batch of 100: one step per epoch, 3 epochs = 3 optimizer steps
+BASE = ["model.arch=resnet10", "model.width=0.125", "views.size=8", "data.batch_size=100", "train.epochs=3",
+        "train.threads=1", "train.checkpoint_every=100", "train.log_every=1", "eval.batch_size=20"]
+WORKER = Path(__file__).parent / "distributed_worker.py"
+
+
+@pytest.fixture(scope="module")
+def blobs100(tmp_path_factory):
+    return make_blobs(tmp_path_factory.mktemp("blobs") / "blobs", n_train=100, n_test=20)
+
+
+def recipe_of(name: str) -> tuple[str, list[str]]:
+    if name == "emp_ssl":
+        return "emp_ssl/fashion_mnist_demo", ["views.count=4", *HEADS[name]]
+    return f"{name}/fashion_mnist_1epoch", HEADS[name]
+
+
+def env() -> dict:
+    return {**os.environ, "ONEPOCH_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args, nproc: int = 2, restarts: int = 0) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--max-restarts={restarts}", *args]
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+def parameters(state: dict) -> torch.Tensor:
+    """Every trainable tensor of a state dict (not the BatchNorm running statistics), flattened."""
+    return torch.cat([v.flatten().double() for k, v in state.items()
+                      if v.is_floating_point() and "running_" not in k])
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_process_trains(tmp_path, blobs100):
+    """For every method: 2 processes of 50 images each against 1 process of the 100-image global batch,
+    BatchNorm synchronised. At the first step (identical weights) the loss agrees to 1e-5 (relative).
+    After that float32 rounding differs (other reduction orders) and the network amplifies it; so the
+    losses of steps 2-3 and the weights after 3 steps must agree to 1e-5 and 1e-4 (relative), or to 3x
+    what a second 1-process run that only rounds differently (2 threads, NCHW layout) differs by.
+    Measured here: weights within 4e-7..9e-5 (the noise run: 1e-5..1e-3); a missing gather or an
+    unsynchronised BatchNorm is off by 1e-2 or more."""
+    jobs = []
+    for name in METHODS:
+        recipe, extra = recipe_of(name)
+        common = [*BASE, *extra, f"data.root={blobs100}", f"train.out={tmp_path}"]
+        train(load_config(recipe, [*common, f"name={name}_one"]), progress_bar=False)
+        train(load_config(recipe, [*common, f"name={name}_noise", "train.threads=2", 'train.channels_last="off"']),
+              progress_bar=False)
+        jobs.append((recipe, [*common, f"name={name}_two"]))
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    proc = subprocess.run(torchrun(str(WORKER), str(tmp_path / "jobs.json")), env=env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in METHODS:
+        one, noise, two = (tmp_path / f"{name}_{kind}" for kind in ("one", "noise", "two"))
+        ref, ddp, other = losses(one), losses(two), losses(noise)
+        assert len(ddp) == len(ref) == 3
+        assert abs(ddp[0] - ref[0]) <= 1e-5 * abs(ref[0]), (name, ddp, ref)
+        for a, b, c in zip(ddp[1:], ref[1:], other[1:]):
+            assert abs(a - b) <= max(1e-5 * abs(b), 3 * abs(c - b)), (name, ddp, ref, other)
+        s_two, s_one, s_noise = (load_checkpoint(checkpoint_paths(r)[-1]) for r in (two, one, noise))
+        assert s_two["step"] == s_one["step"] == 3
+        for part in ("model", "probe"):
+            ddp_error = relative(parameters(s_two[part]), parameters(s_one[part]))
+            rounding = relative(parameters(s_noise[part]), parameters(s_one[part]))
+            assert ddp_error <= max(1e-4, 3 * rounding), (name, part, ddp_error, rounding)
+        assert not list(two.glob("**/.*.tmp")), "a half-written file"
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_restarted_and_the_run_resumes(tmp_path, blobs100):
+    """torchrun --max-restarts=1 with train.resume=auto: SIGKILL one rank after the checkpoint of step
+    4; the group restarts, resumes from that checkpoint and ends with the weights of an uninterrupted
+    2-process run."""
+    recipe, extra = recipe_of("emp_ssl")
+    common = [*BASE, *extra, f"data.root={blobs100}", f"train.out={tmp_path}", "data.batch_size=20",
+              "train.epochs=4", "train.checkpoint_every=4", "train.keep_checkpoints=10"]  # 20 steps
+    proc = subprocess.run(torchrun("-m", "onepoch", "train", recipe, *common, "name=reference"), env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["-m", "onepoch", "train", recipe, *common, "name=killed", "train.resume=auto"]
+    launcher = subprocess.Popen(torchrun(*args, restarts=1), env=env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "killed"
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step_0000004.pt").exists():
+        assert launcher.poll() is None and time.time() < deadline, launcher.communicate()[1][-3000:]
+        time.sleep(0.05)
+    killed_at = time.time()
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+    os.kill(max(workers), signal.SIGKILL)  # rank 1 (started second)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err[-3000:]
+    final = load_checkpoint(checkpoint_paths(run)[-1])
+    expected = load_checkpoint(checkpoint_paths(tmp_path / "reference")[-1])
+    assert final["step"] == expected["step"] == 20
+    for key, ref in expected["model"].items():
+        assert torch.equal(final["model"][key], ref), key
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 21))  # one line per step, none twice
+    assert all(r["time"] < killed_at for r in lines[:4])  # steps 1-4 were not run again: it resumed
+    assert not [p for p in run.rglob("*") if p.name.startswith(".")], "a half-written file was left"
+
+
+def run_two(tmp_path, blobs100, *extra, timeout=300):
+    recipe, heads = recipe_of("emp_ssl")
+    return subprocess.run([sys.executable, "-m", "onepoch", "train", recipe, *BASE, *heads, f"data.root={blobs100}",
+                           f"train.out={tmp_path}", "--nproc", "2", *extra], env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_bad_distributed_input_gets_one_line_errors(tmp_path, blobs100):
+    proc = run_two(tmp_path, blobs100, "data.batch_size=15")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "onepoch: error: data.batch_size 15 (the global batch) is not divisible by the 2 processes; use a "
+        "multiple of 2"]
+    if not torch.cuda.is_available():
+        proc = run_two(tmp_path, blobs100, "train.backend=nccl")
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines() == [
+            "onepoch: error: train.backend nccl needs CUDA devices, and none is available; use gloo (CPU)"]
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+@pytest.mark.slow
+def test_ranks_with_different_configs_stop_before_writing(tmp_path, blobs100):
+    """Two ranks started by hand with different learning rates: both stop with the same one-line error."""
+    recipe, heads = recipe_of("emp_ssl")
+    procs = []
+    for rank, lr in ((0, "0.3"), (1, "0.5")):
+        environment = {**env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29400 + os.getpid() % 500)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "onepoch", "train", recipe, *BASE, *heads,
+                                       f"data.root={blobs100}", f"train.out={tmp_path}", "name=mixed",
+                                       f"optim.lr={lr}"], env=environment, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2
+        assert err.strip().splitlines()[-1] == ("onepoch: error: the processes were given different configs: "
+                                                "rank 1 differs from rank 0 in optim.lr (0.3 -> 0.5)")
+    assert not (tmp_path / "mixed").exists()
