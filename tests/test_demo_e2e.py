@@ -1,4 +1,25 @@
-"""End to end on real data: a short `onepoch demo` on a Fashion-MNIST subset (Debian's package)."""
+"""End to end on real data: a short `onepoch demo` on a Fashion-MNIST subset (Debian's package), each row of
+its table held to its own bar, measured.
+
+The short demo: one epoch of the first 3,000 training images in batches of 25 (120 steps), the demo recipe
+pinned to the network it ships (ResNet-10 width 0.25, 16 patches of 16x16), probes on ``map2x2`` features,
+tested on the first 5,000 test images. Measured on the 2-core development CPU with seeds 0, 1, 2
+(test accuracy %, the command is SHORT_DEMO with ``seed=S``; docs/recipe_choices.md):
+
+| row                         | seed 0 | seed 1 | seed 2 |
+| --------------------------- | -----: | -----: | -----: |
+| raw pixels, linear          |  80.98 |  80.98 |  80.98 |
+| random init, map2x2, linear |  78.28 |  77.82 |  78.40 |
+| random init, map2x2, k-NN   |  76.80 |  73.22 |  75.66 |
+| EMP-SSL, map2x2, linear     |  82.72 |  82.64 |  82.70 |
+| EMP-SSL, map2x2, k-NN       |  80.40 |  79.30 |  79.32 |
+
+So EMP-SSL's linear probe gains 4.3-4.8 points over the same network at its random initialisation (the
+random-init linear accuracy has a standard deviation of 0.31 points across the seeds) and 1.7 over raw
+pixels; its k-NN gains 3.6-6.1 points (random-init k-NN: standard deviation 1.83). Each bar below is
+about half of the smallest measured margin, and above the random-init rows' spread: 2.5 points for the
+linear gain, 2.0 for the k-NN gain, 0.8 over raw pixels (EMP-SSL's linear: standard deviation 0.04).
+"""
 
 import json
 from pathlib import Path
@@ -11,25 +32,39 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
                                    reason="Debian's dataset-fashion-mnist is not installed")
 
+SHORT_DEMO = ["data.limit=3000", "data.batch_size=25", "data.test_limit=5000", "model.arch=resnet10",
+              "model.width=0.25", "views.count=16", "views.size=16", "eval.features=[map2x2]", "train.threads=1"]
 
+
+@pytest.mark.slow
 @needs_fashion
-def test_short_demo_beats_chance_and_writes_its_report(tmp_path, capsys):
-    rc = main(["demo", "--data", str(tmp_path / "fm"), "--out", str(tmp_path / "runs"), "--no-download",
-               "data.limit=2000", "data.test_limit=500", "train.max_steps=6", "model.width=0.125",
-               "views.count=4", "eval.features=[map2x2]", "eval.linear_epochs=[40]",
-               "eval.linear_weight_decays=[0.0]"])
+def test_short_demo_rows_clear_their_measured_bars(tmp_path, capsys):
+    rc = main(["demo", "--data", str(tmp_path / "fm"), "--out", str(tmp_path / "runs"), "--no-download", *SHORT_DEMO])
     out = capsys.readouterr().out
     assert rc == 0
     assert "logistic regression, raw pixels" in out and "random-init network" in out and "EMP-SSL 1 epoch" in out
     report = json.loads((tmp_path / "runs" / "fashion_mnist_demo" / "demo.json").read_text())
-    assert report["steps"] == 6
-    for entry in (report["raw_pixels"], *report["emp_ssl"].values(), *report["random_init"].values()):
-        assert entry["linear"]["test_acc"] > 0.6  # 10 balanced classes: chance is 0.1
+    assert report["steps"] == 120
     assert set(report["emp_ssl"]) == set(report["random_init"]) == {"map2x2"}
-    assert report["emp_ssl"]["map2x2"]["knn"]["test_acc"] > 0.6
-    # A second demo goes into a new run directory instead of failing.
-    assert main(["demo", "--data", str(tmp_path / "fm"), "--out", str(tmp_path / "runs"), "--no-download",
-                 "data.limit=200", "data.test_limit=100", "train.max_steps=1", "model.width=0.125",
-                 "views.count=2", "eval.bag_patches=1", "eval.linear_epochs=[1]",
-                 "eval.linear_weight_decays=[0.0]", "eval.probes=[knn]"]) == 0
+    raw = report["raw_pixels"]["linear"]["test_acc"]
+    rand, emp = report["random_init"]["map2x2"], report["emp_ssl"]["map2x2"]
+    # Each row's bar: measured value minus slack (the raw-pixel probe is the same for every seed).
+    assert raw > 0.79, raw                                   # measured 80.98 %
+    assert rand["linear"]["test_acc"] > 0.76, rand           # measured 77.8-78.4 %
+    assert rand["knn"]["test_acc"] > 0.71, rand              # measured 73.2-76.8 %
+    # EMP-SSL's rows, against the rows it must beat.
+    assert emp["linear"]["test_acc"] - rand["linear"]["test_acc"] > 0.025, (emp, rand)  # measured +4.3 to +4.8
+    assert emp["linear"]["test_acc"] - raw > 0.008, (emp, raw)                          # measured +1.7
+    assert emp["knn"]["test_acc"] - rand["knn"]["test_acc"] > 0.02, (emp, rand)         # measured +3.6 to +6.1
+
+
+@needs_fashion
+def test_a_second_demo_goes_into_a_new_run_directory(tmp_path):
+    args = ["demo", "--data", str(tmp_path / "fm"), "--out", str(tmp_path / "runs"), "--no-download",
+            "data.limit=200", "data.test_limit=100", "train.max_steps=1", "model.width=0.125", "views.count=2",
+            "eval.features=[map2x2]", "eval.linear_epochs=[1]", "eval.linear_weight_decays=[0.0]",
+            "eval.probes=[knn]"]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert (tmp_path / "runs" / "fashion_mnist_demo" / "demo.json").exists()
     assert (tmp_path / "runs" / "fashion_mnist_demo-2" / "demo.json").exists()
