@@ -163,8 +163,28 @@ def test_images_of_different_sizes(tmp_path):
     images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), rng.integers(0, 256, (9, 8, 3), dtype=np.uint8)]
     arrays["test_jpeg"], arrays["test_offsets"], _ = jpeg_split(images)
     arrays["y_test"] = np.array([0, 1])
-    with pytest.raises(DataError, match=r"test image 1 is 8x9 RGB, but image 0 is 8x8 RGB"):
+    with pytest.raises(DataError, match=r"test image 1 is 8x9, but image 0 is 8x8 \(all images must have one size\)"):
         load_source("npz", save(tmp_path / "s.npz", **arrays))
+
+
+def test_grayscale_and_cmyk_jpegs_among_colour_ones_are_converted(tmp_path):
+    """Like ImageNet (and the Imagenette copy, with 242 grayscale JPEGs): a grayscale and a CMYK JPEG
+    among RGB ones become RGB, each pixel as Pillow's own convert("RGB") of the decoded file gives it."""
+    rng = np.random.default_rng(2)
+    files = [jpeg_bytes(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)),
+             jpeg_bytes(rng.integers(0, 256, (8, 8), dtype=np.uint8))]  # mode L
+    cmyk = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).convert("CMYK").save(cmyk, format="JPEG")
+    files.append(cmyk.getvalue())
+    assert [Image.open(io.BytesIO(f)).mode for f in files] == ["RGB", "L", "CMYK"]
+    arrays = jpeg_arrays()
+    arrays["test_jpeg"] = np.frombuffer(b"".join(files), np.uint8)
+    arrays["test_offsets"] = np.concatenate([[0], np.cumsum([len(f) for f in files])]).astype(np.int64)
+    source = load_source("npz", save(tmp_path / "mixed.npz", **arrays))
+    test = source.splits["test"].images
+    assert test.shape == (3, 8, 8, 3) and source.splits["train"].images.shape[-1] == 3
+    for image, f in zip(test, files):
+        assert np.array_equal(image, decoded(f))
 
 
 @pytest.mark.parametrize("labels, message", [

@@ -99,38 +99,47 @@ def check_offsets(path: Path, split: str, offsets: np.ndarray, num_bytes: int, n
     return offsets.astype(np.int64)
 
 
-def _decode_jpeg(buffer: memoryview) -> Image.Image:
-    img = Image.open(io.BytesIO(buffer), formats=["JPEG"])
-    img.load()
+def _open_jpeg(path: Path, split: str, i: int, buffer: memoryview, *, load: bool) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(buffer), formats=["JPEG"])
+        if load:
+            img.load()
+    except Exception as e:  # untrusted bytes: Pillow raises many exception types
+        raise DataError(f"{path}: {split} image {i} is not a valid JPEG ({one_line(e)})") from None
     return img
 
 
-def decode_jpeg_split(path: Path, split: str, data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Decode every JPEG of one split into uint8 (N, H, W, C); all must share size and mode
-    (L or RGB)."""
+def jpeg_split_modes(path: Path, split: str, data: np.ndarray, offsets: np.ndarray) -> set[str]:
+    """The Pillow modes (L, RGB, CMYK, ...) of a split's JPEGs, read from their headers only."""
+    if data.ndim != 1 or data.dtype != np.uint8:
+        raise DataError(f"{path}: {split}_jpeg must be 1-D uint8 bytes, found {data.dtype} {data.shape}")
+    raw = memoryview(np.ascontiguousarray(data)).cast("B")
+    bounds = offsets.tolist()
+    return {_open_jpeg(path, split, i, raw[bounds[i]:bounds[i + 1]], load=False).mode
+            for i in range(len(bounds) - 1)}
+
+
+def decode_jpeg_split(path: Path, split: str, data: np.ndarray, offsets: np.ndarray, mode: str = "RGB"
+                      ) -> np.ndarray:
+    """Decode every JPEG of one split into uint8 (N, H, W, C) in ``mode`` (``L``: C = 1, ``RGB``: C = 3):
+    an image in another mode (a grayscale JPEG among colour ones, CMYK) is converted with Pillow. All
+    must share one size."""
     if data.ndim != 1 or data.dtype != np.uint8:
         raise DataError(f"{path}: {split}_jpeg must be 1-D uint8 bytes, found {data.dtype} {data.shape}")
     raw = memoryview(np.ascontiguousarray(data)).cast("B")
     bounds = offsets.tolist()
     out: np.ndarray | None = None
-    first: tuple[tuple[int, int], str] | None = None
     for i in progress(range(len(bounds) - 1), desc=f"decoding {split} JPEGs", unit="img"):
-        try:
-            img = _decode_jpeg(raw[bounds[i]:bounds[i + 1]])
-        except Exception as e:  # untrusted bytes: Pillow raises many exception types
-            raise DataError(f"{path}: {split} image {i} is not a valid JPEG ({one_line(e)})") from None
-        if first is None:
-            if img.mode not in ("L", "RGB"):
-                raise DataError(f"{path}: {split} image {i} has mode {img.mode} (expected L or RGB)")
-            first = (img.size, img.mode)
-            channels = 1 if img.mode == "L" else 3
-            out = np.empty((len(bounds) - 1, img.height, img.width, channels), np.uint8)
-        elif (img.size, img.mode) != first:
+        img = _open_jpeg(path, split, i, raw[bounds[i]:bounds[i + 1]], load=True)
+        if img.mode != mode:
+            img = img.convert(mode)
+        if out is None:
+            out = np.empty((len(bounds) - 1, img.height, img.width, 1 if mode == "L" else 3), np.uint8)
+        elif img.size != (out.shape[2], out.shape[1]):
             raise DataError(
-                f"{path}: {split} image {i} is {img.size[0]}x{img.size[1]} {img.mode}, but image 0 is "
-                f"{first[0][0]}x{first[0][1]} {first[1]} (all images must match)"
+                f"{path}: {split} image {i} is {img.size[0]}x{img.size[1]}, but image 0 is "
+                f"{out.shape[2]}x{out.shape[1]} (all images must have one size)"
             )
-        assert out is not None
         out[i] = np.frombuffer(img.tobytes(), np.uint8).reshape(out.shape[1:])  # faster than asarray
     if out is None:
         raise DataError(f"{path}: the {split} split is empty")
@@ -180,11 +189,19 @@ def _read_splits(path: Path, arrays: _NpzArrays) -> tuple[dict[str, SplitArrays]
     labels = {s: check_labels(path, f"y_{s}", arrays[f"y_{s}"]) for s in SPLITS}
     class_names = _class_names(path, arrays, list(labels.values()))
     splits = {}
+    if layout == "jpeg":
+        jpegs = {}
+        for split in SPLITS:
+            data = arrays[f"{split}_jpeg"]
+            jpegs[split] = data, check_offsets(path, split, arrays[f"{split}_offsets"], data.size,
+                                               labels[split].shape[0])
+        # one mode for the dataset: grayscale only if every image is (ImageNet-like sets hold a few
+        # grayscale and CMYK JPEGs among colour ones: those are converted, not refused)
+        modes = set().union(*(jpeg_split_modes(path, split, *jpegs[split]) for split in SPLITS))
+        mode = "L" if modes == {"L"} else "RGB"
     for split in SPLITS:
         if layout == "jpeg":
-            data = arrays[f"{split}_jpeg"]
-            offsets = check_offsets(path, split, arrays[f"{split}_offsets"], data.size, labels[split].shape[0])
-            images = decode_jpeg_split(path, split, data, offsets)
+            images = decode_jpeg_split(path, split, *jpegs[split], mode=mode)
         else:
             images = arrays[f"x_{split}"]
         try:
