@@ -223,3 +223,11 @@ def test_resume_auto_starts_then_continues(tmp_path, blobs):
     again = train(tiny_config(tmp_path, blobs, "train.max_steps=5", "train.resume=auto"), progress_bar=False)
     assert again.steps == 5 and [p.name for p in checkpoint_paths(again.run_dir)] == ["step_0000003.pt",
                                                                                          "step_0000005.pt"]
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path, blobs):
+    """YAML 1.1 reads 1e-4 as a string; a float key takes it as the number it spells."""
+    config = tiny_config(tmp_path, blobs, "optim.weight_decay=1e-4", "eval.linear_weight_decays=[0,1e-4]")
+    assert config.optim.weight_decay == 1e-4 and config.eval.linear_weight_decays == (0.0, 1e-4)
+    with pytest.raises(ConfigError, match="optim.weight_decay: expected a number, got 'lots'"):
+        tiny_config(tmp_path, blobs, "optim.weight_decay=lots")
