@@ -218,7 +218,14 @@ def test_a_bad_config_writes_nothing_and_the_corrected_command_runs(tmp_path, bl
 
 
 def test_resume_auto_starts_then_continues(tmp_path, blobs):
+    # a run killed before its first checkpoint (config.yaml and metrics only) starts again from step 0
+    (tmp_path / "runs" / "t").mkdir(parents=True)
+    config = tiny_config(tmp_path, blobs, "train.max_steps=3", "train.resume=auto")
+    (tmp_path / "runs" / "t" / "config.yaml").write_text(__import__("yaml").safe_dump(config.to_dict()))
+    (tmp_path / "runs" / "t" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.0}\n{"step": 2, "lo')
     first = train(tiny_config(tmp_path, blobs, "train.max_steps=3", "train.resume=auto"), progress_bar=False)
+    lines = [json.loads(line) for line in (first.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3] and lines[0]["loss"] != 0.0
     assert first.steps == 3
     again = train(tiny_config(tmp_path, blobs, "train.max_steps=5", "train.resume=auto"), progress_bar=False)
     assert again.steps == 5 and [p.name for p in checkpoint_paths(again.run_dir)] == ["step_0000003.pt",

@@ -232,20 +232,21 @@ def _open_run_dir(config: RunConfig, resume: str) -> bool:
     """Check (and for a new run create) the run directory; True when there is a run to resume.
 
     ``resume``: ``off`` (a new run; an existing run directory is an error), ``on`` (the run must
-    exist, with the same config up to the keys that do not change training) or ``auto`` (resume when
-    the directory holds a checkpoint, else start). Only rank 0 looks at the disk; every rank gets its
-    answer (or its error), so they all stop or go on together."""
+    exist, with the same config up to the keys that do not change training) or ``auto`` (continue the
+    run when its directory holds one, from its newest checkpoint or from the start, else start it).
+    Only rank 0 looks at the disk; every rank gets its answer (or its error), so they all stop or go
+    on together."""
     def decide() -> tuple[bool, str | None]:
         run_dir = config.run_dir
         existing = run_dir / "config.yaml"
-        if resume == "on" or (resume == "auto" and latest_checkpoint(run_dir) is not None):
+        if resume == "on" or (resume == "auto" and existing.exists()):
             if not existing.exists():
                 return False, f"cannot resume: {run_dir} holds no run (no config.yaml)"
             diff = _config_diff(read_run_config(run_dir).to_dict(), config.to_dict())
             if diff:
                 return False, f"cannot resume {run_dir}: its config differs in {', '.join(diff[:5])}"
             return True, None
-        if run_dir.exists() and any(p.name != "config.yaml" or resume != "auto" for p in run_dir.iterdir()):
+        if run_dir.exists() and any(run_dir.iterdir()):
             return False, (f"run directory {run_dir} already exists; pass --resume to continue it, "
                            f"or choose another name=... or train.out=...")
         run_dir.mkdir(parents=True, exist_ok=True)
