@@ -58,6 +58,7 @@ def test_short_demo_rows_clear_their_measured_bars(tmp_path, capsys):
     assert emp["knn"]["test_acc"] - rand["knn"]["test_acc"] > 0.02, (emp, rand)         # measured +3.6 to +6.1
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_a_second_demo_goes_into_a_new_run_directory(tmp_path):
     args = ["demo", "--data", str(tmp_path / "fm"), "--out", str(tmp_path / "runs"), "--no-download",
