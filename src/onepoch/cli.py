@@ -356,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"onepoch: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # the reader went away (`onepoch recipes | head`): nothing to report
+        sys.stderr.close()
+        return 0
     except OSError as e:  # the system refused (disk full, permission denied): the files written are intact
         if args.debug:
             traceback.print_exc()
