@@ -60,12 +60,52 @@ def test_compare_config_errors(tmp_path):
         load_compare_config(path, ["methods=[simclr/nope]"])
     with pytest.raises(ConfigError, match="budgets must be a non-empty list of positive numbers"):
         load_compare_config(path, ["budgets=[0]"])
+    with pytest.raises(ConfigError, match="budgets of methods entry 'simclr/fashion_mnist_1epoch' must be a non-empty"):
+        load_compare_config(path, ["methods=[{recipe: simclr/fashion_mnist_1epoch, budgets: [1, -2]}]"])
+
+
+def test_per_method_budgets_and_cheapest_budget_first(tmp_path, monkeypatch):
+    import onepoch.compare as compare
+
+    path = write_recipe(tmp_path, tmp_path, budgets=[1, 10], methods=[
+        {"recipe": "emp_ssl/fashion_mnist_demo", "budgets": [1, 2, 3]}, "simclr/fashion_mnist_1epoch"])
+    config = load_compare_config(path)
+    assert [(c.label, c.budget, c.seed) for c in plan_cells(config)] == [
+        ("emp_ssl", 1.0, 0), ("emp_ssl", 1.0, 1), ("simclr", 1.0, 0), ("simclr", 1.0, 1),
+        ("emp_ssl", 2.0, 0), ("emp_ssl", 2.0, 1), ("emp_ssl", 3.0, 0), ("emp_ssl", 3.0, 1),
+        ("simclr", 10.0, 0), ("simclr", 10.0, 1)]
+
+    # The report is rewritten after every cell: a comparison cut short still has its table so far.
+    def fake_summary(label, budget, seed, method):
+        return {"label": label, "method": method, "budget": budget, "seed": seed, "epochs": budget,
+                "train_seconds": 100.0 * budget, "eval_seconds": 30.0, "peak_rss_mb": 512.0 * (1 + seed),
+                "online_probe_test_acc": None, "patch_passes": budget, "results": {"full": {"linear": {"test_acc": 0.5}}}}
+
+    seen = []
+
+    def fake_cell(config, cell, log=print):
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        seen.append(cell.key)
+        return fake_summary(cell.label, cell.budget, cell.seed, cell.label)
+
+    monkeypatch.setattr(compare, "run_cell", fake_cell)
+    monkeypatch.setattr(compare, "run_random_init",
+                        lambda config, seed, log=print: fake_summary("random init", 0.0, seed, "random_init"))
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_compare(config, log=lambda *a: None)
+    report = json.loads((config.dir / "compare.json").read_text())
+    assert not report["complete"] and len(report["cells"]) == 2 + 3 and seen[-1] == "simclr_ep1_seed0"
+    md = (config.dir / "compare.md").read_text()
+    assert "Cost of these 5 cell(s): 0.08 h in training steps, 0.04 h evaluating; peak resident memory 1.00 GiB." in md
+    rows = [line.split(" |")[0] for line in md.splitlines() if line.startswith("| ")][1:]
+    assert rows[:2] == ["| emp_ssl", "| simclr"] and rows[2] == "| random init"   # random init listed last
 
 
 def test_labels_fall_back_to_the_recipe_when_two_entries_share_a_method(tmp_path):
     config = load_compare_config(write_recipe(tmp_path, tmp_path),
                                  ["methods=[swav/fashion_mnist_1epoch, swav/fashion_mnist_multicrop, byol/cifar10]"])
-    assert [c.label for c in plan_cells(config)][::4] == ["swav-fashion_mnist_1epoch", "swav-fashion_mnist_multicrop",
+    assert list(dict.fromkeys(c.label for c in plan_cells(config))) == ["swav-fashion_mnist_1epoch", "swav-fashion_mnist_multicrop",
                                                           "byol"]
 
 

@@ -4,9 +4,10 @@ A compare recipe (``configs/compare/*.yaml``)::
 
     name: compare_fashion_mnist_1epoch
     data: {root: data/fashion-mnist}          # data.* for every cell
-    methods: [emp_ssl/fashion_mnist_demo, simclr/fashion_mnist_1epoch, ...]   # run recipes
+    methods: [emp_ssl/fashion_mnist_demo, simclr/fashion_mnist_1epoch, ...]   # run recipes, or mappings
+                                               # {recipe, label, overrides, budgets}
     budget: epochs                             # epochs | patch_passes | seconds
-    budgets: [1]
+    budgets: [1]                               # for every method without its own ``budgets``
     seeds: [0]
     eval: {features: [full, map2x2], probes: [linear, knn]}   # the protocol of every cell (other eval
                                                                # keys: EvalConfig's defaults, not the recipes')
@@ -18,6 +19,8 @@ trained with ``onepoch.train`` and evaluated with ``onepoch.eval``; its summary 
 (written last, atomically). A cell with a ``cell.json`` of the same eval protocol is reused (of
 another protocol: evaluated again, not retrained); a cell with a run directory but no ``cell.json``
 is resumed from its last checkpoint. So a killed compare, run again, does only the cells not yet done.
+Cells run cheapest budget first (every method at the smallest budget, then the next), so a comparison
+that spans several sittings has its first complete table early.
 
 Budgets: ``epochs`` sets ``train.epochs``; ``patch_passes`` P gives every method P / (views per
 image) epochs (the same number of view images through the backbone; views of different sizes count
@@ -93,6 +96,7 @@ class MethodEntry:
     recipe: str
     label: str
     overrides: tuple[str, ...] = ()
+    budgets: tuple[float, ...] | None = None   # None: the comparison's budgets
 
 
 @dataclass
@@ -135,10 +139,10 @@ def method_entries(config: CompareConfig) -> list[MethodEntry]:
             item = {"recipe": item}
         if not isinstance(item, dict) or "recipe" not in item:
             raise ConfigError(f"each methods entry must be a recipe name or a mapping with 'recipe', got {item!r}")
-        unknown = set(item) - {"recipe", "label", "overrides"}
+        unknown = set(item) - {"recipe", "label", "overrides", "budgets"}
         if unknown:
             raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} in methods entry {item!r} "
-                              f"(allowed: recipe, label, overrides)")
+                              f"(allowed: recipe, label, overrides, budgets)")
         method = (read_recipe(item["recipe"]).get("method") or {}).get("name", "emp_ssl")
         raw.append((item, method))
     counts: dict[str, int] = {}
@@ -150,11 +154,24 @@ def method_entries(config: CompareConfig) -> list[MethodEntry]:
         label = str(item.get("label") or default)
         if not label.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ConfigError(f"method label {label!r} must be letters, digits, '-', '_' or '.'")
-        entries.append(MethodEntry(str(item["recipe"]), label, tuple(item.get("overrides") or ())))
+        entries.append(MethodEntry(str(item["recipe"]), label, tuple(item.get("overrides") or ()),
+                                   _entry_budgets(item)))
     labels = [e.label for e in entries]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two methods share a label: {labels}; give them distinct 'label's")
     return entries
+
+
+def _entry_budgets(item: dict[str, Any]) -> tuple[float, ...] | None:
+    """A methods entry's own budget list, checked like the comparison's."""
+    if "budgets" not in item:
+        return None
+    budgets = item["budgets"]
+    if (not isinstance(budgets, list) or not budgets
+            or any(isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0 for b in budgets)):
+        raise ConfigError(f"budgets of methods entry {item['recipe']!r} must be a non-empty list of positive "
+                          f"numbers, got {budgets!r}")
+    return tuple(float(b) for b in budgets)
 
 
 def _budget_tag(kind: str, value: float) -> str:
@@ -180,9 +197,14 @@ def _cell_overrides(config: CompareConfig, entry: MethodEntry, seed: int, run_di
 
 
 def plan_cells(config: CompareConfig) -> list[Cell]:
+    """Every (method, budget, seed) cell, smallest budget first, then in the order of ``methods``."""
+    entries = method_entries(config)
+    all_budgets = sorted({float(b) for e in entries for b in (e.budgets or config.budgets)})
     cells = []
-    for entry in method_entries(config):
-        for budget in config.budgets:
+    for budget in all_budgets:
+        for entry in entries:
+            if budget not in (entry.budgets or tuple(float(b) for b in config.budgets)):
+                continue
             for seed in config.seeds:
                 run_dir = config.dir / f"{entry.label}_{_budget_tag(config.budget, budget)}_seed{seed}"
                 cells.append(Cell(entry.label, entry.recipe, float(budget), int(seed), run_dir,
@@ -253,6 +275,18 @@ def cell_epochs(config: CompareConfig, cell: Cell, log=print) -> float:
     return cell.budget / (_calibrate(config, cell, log) * _steps_per_epoch(run_config))
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far in MiB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 def run_cell(config: CompareConfig, cell: Cell, log=print) -> dict[str, Any]:
     """Train (or resume) and evaluate one cell; return its summary (also in ``cell.json``)."""
     from onepoch.eval import evaluate_run
@@ -272,6 +306,7 @@ def run_cell(config: CompareConfig, cell: Cell, log=print) -> dict[str, Any]:
     log(f"{'resuming' if resume else 'training'} {cell.key}: {run_config.method['name']}, "
         f"{epochs:.4g} epoch(s), seed {cell.seed}")
     result = train(run_config, resume=resume)
+    eval_start = time.perf_counter()
     report = evaluate_run(cell.run_dir, overrides={f"eval.{k}": v for k, v in protocol.items()}, log=log)
     views = views_per_image(run_config.views)
     online_path = cell.run_dir / "online_probe.json"
@@ -283,6 +318,7 @@ def run_cell(config: CompareConfig, cell: Cell, log=print) -> dict[str, Any]:
         "epochs": result.steps / steps_per_epoch, "steps": result.steps,
         "patch_passes": result.steps / steps_per_epoch * views,
         "train_seconds": train_seconds(cell.run_dir / "metrics.jsonl", run_config.data.batch_size * views),
+        "eval_seconds": time.perf_counter() - eval_start, "peak_rss_mb": peak_rss_mb(),
         "online_probe_test_acc": online, "results": report["results"], "eval": protocol,
     }
     atomic_write_text(done, json.dumps(summary, indent=2) + "\n")
@@ -310,13 +346,15 @@ def run_random_init(config: CompareConfig, seed: int, log=print) -> dict[str, An
     train_split, test_split = open_eval_splits(run_config)
     spec = view_spec_for(run_config, train_split.mean, train_split.std)
     log(f"evaluating the random-init network ({run_config.model.arch}, width {run_config.model.width}, seed {seed})")
+    eval_start = time.perf_counter()
     torch.manual_seed(run_config.seed)
     model = build_model(run_config, train_split.shape[-1]).to(device)
     results = evaluate_model(model, run_config, device=device, train_split=train_split, test_split=test_split,
                              spec=spec, log=log)
     summary = {"label": "random init", "recipe": entry.recipe, "method": "random_init", "budget_kind": config.budget,
                "budget": 0.0, "seed": seed, "run_dir": str(run_dir), "epochs": 0.0, "steps": 0, "patch_passes": 0.0,
-               "train_seconds": 0.0, "online_probe_test_acc": None, "results": results, "eval": protocol}
+               "train_seconds": 0.0, "eval_seconds": time.perf_counter() - eval_start, "peak_rss_mb": peak_rss_mb(),
+               "online_probe_test_acc": None, "results": results, "eval": protocol}
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(done, json.dumps(summary, indent=2) + "\n")
     return summary
@@ -357,12 +395,27 @@ def metric_pairs(summaries: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return pairs
 
 
+def cost_line(summaries: list[dict[str, Any]]) -> str:
+    """What the cells so far cost: training and evaluation seconds summed, the largest peak RSS."""
+    train = sum(s.get("train_seconds") or 0.0 for s in summaries)
+    evaluation = [s["eval_seconds"] for s in summaries if s.get("eval_seconds") is not None]
+    peaks = [s["peak_rss_mb"] for s in summaries if s.get("peak_rss_mb") is not None]
+    text = f"Cost of these {len(summaries)} cell(s): {train / 3600:.2f} h in training steps"
+    if evaluation:
+        text += f", {sum(evaluation) / 3600:.2f} h evaluating" + (
+            f" ({len(evaluation)} of {len(summaries)} cells timed)" if len(evaluation) < len(summaries) else "")
+    if peaks:
+        text += f"; peak resident memory {max(peaks) / 1024:.2f} GiB"
+    return text + "."
+
+
 PROBE_NAMES = {"linear": "linear", "mlp": "MLP", "knn": "k-NN"}
 
 
 def format_markdown(config: CompareConfig, summaries: list[dict[str, Any]], *, command: str = "") -> str:
     """compare.md: a summary table per budget, then method x budget tables per (feature, probe)."""
-    labels = list(dict.fromkeys(s["label"] for s in summaries))
+    labels = list(dict.fromkeys(s["label"] for s in summaries if s["method"] != "random_init"))
+    labels += list(dict.fromkeys(s["label"] for s in summaries if s["method"] == "random_init"))
     budgets = sorted({s["budget"] for s in summaries if s["method"] != "random_init"})
     pairs = metric_pairs(summaries)
     unit = {"epochs": "epoch(s)", "patch_passes": "patch passes", "seconds": "s of training"}[config.budget]
@@ -373,6 +426,7 @@ def format_markdown(config: CompareConfig, summaries: list[dict[str, Any]], *, c
               f"{', '.join(f'{b:g}' for b in budgets)}; seeds: {', '.join(str(s) for s in config.seeds)}. "
               "Test accuracy in %, mean ± std over seeds; every probe's hyper-parameters chosen on a "
               "validation split of the training set. Train time: seconds in training steps.", ""]
+    lines += [cost_line(summaries), ""]
 
     def cells_of(label: str, budget: float | None) -> list[dict[str, Any]]:
         return [s for s in summaries if s["label"] == label and (budget is None or s["budget"] == budget
@@ -462,28 +516,41 @@ def write_plots(config: CompareConfig, summaries: list[dict[str, Any]], fmt: str
     return [save_figure(fig, config.dir / f"{stem}.{fmt}") for stem, fig in accuracy_figures(config, summaries).items()]
 
 
+def write_report(config: CompareConfig, summaries: list[dict[str, Any]], *, command: str = "",
+                 seconds: float = 0.0) -> dict[str, Any]:
+    """compare.json and compare.md of the cells in ``summaries`` (atomically; partial while a comparison runs)."""
+    report = {"config": asdict(config), "cells": summaries, "seconds": seconds,
+              "complete": len(summaries) == len(plan_cells(config)) + (len(config.seeds) if config.random_init else 0)}
+    atomic_write_text(config.dir / "compare.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(config.dir / "compare.md", format_markdown(config, summaries, command=command) + "\n")
+    return report
+
+
 def run_compare(config: CompareConfig, *, command: str = "", fmt: str = "png", log=print) -> dict[str, Any]:
     """Run every cell not yet done, then write compare.json, compare.md and the plots (``fmt``: png,
     svg or pdf)."""
     config.dir.mkdir(parents=True, exist_ok=True)
     cells = plan_cells(config)
     total = len(cells) + (len(config.seeds) if config.random_init else 0)
-    log(f"comparison {config.name}: {len(cells)} cell(s) ({len(method_entries(config))} method(s) x "
-        f"{len(config.budgets)} budget(s) x {len(config.seeds)} seed(s)) in {config.dir}")
+    log(f"comparison {config.name}: {len(cells)} cell(s) ({len(method_entries(config))} method(s), their budgets, "
+        f"{len(config.seeds)} seed(s)) in {config.dir}")
     t0 = time.perf_counter()
     summaries = []
-    for i, cell in enumerate(cells, 1):
-        state = "done" if (cell.run_dir / "cell.json").exists() else "to do"
-        log(f"[{i}/{total}] {cell.key} ({state})")
-        summaries.append(run_cell(config, cell, log=log))
-    if config.random_init:
-        for j, seed in enumerate(config.seeds, len(cells) + 1):
-            log(f"[{j}/{total}] random init, seed {seed}")
+    step = 0
+    if config.random_init:  # cheap (evaluation only) and every table's floor: first
+        for seed in config.seeds:
+            step += 1
+            log(f"[{step}/{total}] random init, seed {seed}")
             summaries.append(run_random_init(config, seed, log=log))
+    for cell in cells:
+        step += 1
+        state = "done" if (cell.run_dir / "cell.json").exists() else "to do"
+        log(f"[{step}/{total}] {cell.key} ({state})")
+        summaries.append(run_cell(config, cell, log=log))
+        if step < total:  # the table so far, for a comparison that spans several sittings
+            write_report(config, summaries, command=command, seconds=time.perf_counter() - t0)
+    report = write_report(config, summaries, command=command, seconds=time.perf_counter() - t0)
     markdown = format_markdown(config, summaries, command=command)
-    report = {"config": asdict(config), "cells": summaries, "seconds": time.perf_counter() - t0}
-    atomic_write_text(config.dir / "compare.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(config.dir / "compare.md", markdown + "\n")
     plots = write_plots(config, summaries, fmt)
     log("")
     log(markdown)

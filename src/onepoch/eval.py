@@ -244,8 +244,8 @@ def _with_count(spec, count: int):
 def open_eval_splits(config: RunConfig):
     from onepoch.data.prepared import open_split
 
-    train_split = open_split(Path(config.data.root), config.data.train_split)
-    test_split = open_split(Path(config.data.root), config.data.test_split)
+    train_split = open_split(Path(config.data.root), config.data.train_split, image_size=config.data.image_size)
+    test_split = open_split(Path(config.data.root), config.data.test_split, image_size=config.data.image_size)
     if config.data.limit is not None and config.data.limit < train_split.num_images:
         train_split = train_split.subset(config.data.limit)
     if config.data.test_limit is not None and config.data.test_limit < test_split.num_images:

@@ -43,11 +43,16 @@ class DataConfig:
     batch_size: int = 100              # images per step (each gives views.count patches)
     limit: int | None = None           # use only the first N training images (smoke tests)
     test_limit: int | None = None      # evaluate on only the first N test images
+    image_size: int | None = None      # JPEG-at-rest datasets: the evaluation resolution (shorter side
+                                       # resized to it, centre crop); null: the dataset's eval_size
+    decode_threads: int = 0            # JPEG-at-rest datasets: decoding threads (0: up to 8, one per core)
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
-        for key in ("limit", "test_limit"):
+        if self.decode_threads < 0:
+            raise ConfigError(f"data.decode_threads must be >= 0, got {self.decode_threads}")
+        for key in ("limit", "test_limit", "image_size"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} must be >= 1 or null, got {getattr(self, key)}")
 

@@ -11,6 +11,7 @@ view randomness and schedule as an uninterrupted run.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -101,21 +102,16 @@ def step_view_groups(batches: list[torch.Tensor], specs: list, seed: int, first_
     together, nor on where a run resumed. Returns, per step, a list of (count, b, C, size, size) per
     group (float32, outside autocast).
     """
-    from onepoch.views import apply_view_params, concat_view_params, sample_view_params, seeded_generator
+    from onepoch.encoded_views import rank_view_params
+    from onepoch.views import apply_view_params, concat_view_params, seeded_generator
 
     sizes = [b.shape[0] for b in batches]
     images = batches[0] if len(batches) == 1 else torch.cat(batches)
     h, w = images.shape[1], images.shape[2]
     per_step: list[list[torch.Tensor]] = [[] for _ in batches]
     for g, spec in enumerate(specs):
-        params = []
-        for k, n in enumerate(sizes):
-            full = sample_view_params(spec, n * world_size, h, w, seeded_generator(seed, first_step + k, g))
-            if world_size > 1:  # this rank's images of every view: rows v*B + rank*n + (0..n-1)
-                rows = (torch.arange(spec.count).view(-1, 1) * n * world_size + rank * n + torch.arange(n)).flatten()
-                full = full.rows(rows)
-                full.image_index -= rank * n
-            params.append(full)
+        params = [rank_view_params(spec, n, h, w, seeded_generator(seed, first_step + k, g), rank=rank,
+                                   world_size=world_size) for k, n in enumerate(sizes)]
         views = apply_view_params(images, concat_view_params(params, sizes), spec, channels_last=channels_last)
         for k, part in enumerate(views.split([spec.count * n for n in sizes])):
             per_step[k].append(part.unflatten(0, (spec.count, sizes[k])))
@@ -397,8 +393,11 @@ def _steps(loader, step: int, end_step: int):
             step += 1
 
 
-def _steps_with_views(steps, specs: list, seed: int, per_call: int, channels_last: bool, world):
-    """(step, batch, view groups) with the views of ``per_call`` consecutive steps rendered per call."""
+def _steps_with_views(steps, specs: list, seed: int, per_call: int, channels_last: bool, world,
+                      device: torch.device, decode_threads: int = 0):
+    """(step, batch, view groups) with the views of ``per_call`` consecutive steps rendered per call.
+    Batches of an encoded (JPEG-at-rest) split are decoded in a thread pool one call ahead, while the
+    previous steps train."""
     chunk = []
 
     def render():
@@ -406,6 +405,14 @@ def _steps_with_views(steps, specs: list, seed: int, per_call: int, channels_las
                                  rank=world.rank, world_size=world.size)
         return [(s, b, v) for (s, b), v in zip(chunk, views)]
 
+    first = next(steps, None)
+    if first is None:
+        return
+    steps = itertools.chain([first], steps)
+    if not isinstance(first[1].images, torch.Tensor):
+        yield from _encoded_steps_with_views(steps, specs, seed, per_call, channels_last, world, device,
+                                             decode_threads)
+        return
     for item in steps:
         chunk.append(item)
         if len(chunk) == per_call:
@@ -413,6 +420,42 @@ def _steps_with_views(steps, specs: list, seed: int, per_call: int, channels_las
             chunk = []
     if chunk:
         yield from render()
+
+
+def _encoded_steps_with_views(steps, specs: list, seed: int, per_call: int, channels_last: bool, world,
+                              device: torch.device, decode_threads: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from onepoch.data.encoded import default_threads
+    from onepoch.encoded_views import finish_encoded_views, start_encoded_views
+
+    def start(chunk):
+        return chunk, start_encoded_views([b.images for _, b in chunk], specs, seed, chunk[0][0], pool,
+                                          rank=world.rank, world_size=world.size)
+
+    def finish(started):
+        chunk, pending = started
+        views = finish_encoded_views(pending, specs, device, channels_last=channels_last)
+        return [(s, b, v) for (s, b), v in zip(chunk, views)]
+
+    with ThreadPoolExecutor(decode_threads or default_threads()) as pool:
+        ahead = None  # the previous call's steps, decoding while the ones before them train
+        chunk = []
+        for item in steps:
+            chunk.append(item)
+            if len(chunk) == per_call:
+                started = start(chunk)
+                chunk = []
+                if ahead is not None:
+                    yield from finish(ahead)
+                ahead = started
+        if chunk:
+            started = start(chunk)
+            if ahead is not None:
+                yield from finish(ahead)
+            ahead = started
+        if ahead is not None:
+            yield from finish(ahead)
 
 
 def _probe_step(probe: nn.Module, probe_opt: torch.optim.Optimizer, feats: torch.Tensor, labels: torch.Tensor
@@ -494,7 +537,8 @@ def _build(config: RunConfig, world) -> _Run:
     dist_.start(world, tc.backend, device.type)
     _check_same_config(config)
     # verify: re-hash the arrays against meta.json (a damaged dataset stops here, not mid-run)
-    split = open_split(Path(config.data.root), config.data.train_split, verify=True)
+    split = open_split(Path(config.data.root), config.data.train_split, verify=True,
+                       image_size=config.data.image_size)
     if config.data.limit is not None and config.data.limit < split.num_images:
         split = split.subset(config.data.limit)
     per_rank = _check_batch(config, split, world)
@@ -624,7 +668,7 @@ def train(config: RunConfig, *, resume: bool | str | None = None, progress_bar: 
     bar = progress(total=end_step, initial=step, desc=f"train {config.name}", unit="step",
                    disable=not (progress_bar and world.main))
     stream = _steps_with_views(_steps(run.loader, step, end_step), run.specs, config.seed, view_steps,
-                               run.channels_last, world)
+                               run.channels_last, world, run.device, config.data.decode_threads)
     with open(metrics_path, "a", encoding="utf-8") if world.main else _no_file() as metrics_file, tracker:
         log = _StepLog(metrics_file, bar, tracker, patches_per_step=run.patches_per_step,
                        checkpoints=run_dir / "checkpoints")
@@ -681,7 +725,7 @@ def _online_probe_report(run: _Run, step: int) -> float | None:
 
     config = run.config
     try:
-        test = open_split(Path(config.data.root), config.data.test_split)
+        test = open_split(Path(config.data.root), config.data.test_split, image_size=config.data.image_size)
     except DataError:
         return None  # no test split: nothing to report
     if config.data.test_limit is not None and config.data.test_limit < test.num_images:

@@ -254,37 +254,36 @@ _U_GRAY, _U_BLUR, _U_SIGMA, _U_SOLAR = range(2 * CROP_TRIES + 8, 2 * CROP_TRIES 
 _U_COLUMNS = 2 * CROP_TRIES + 12
 
 
-def _sample_crops(u: np.ndarray, spec: ViewSpec, height: int, width: int) -> np.ndarray:
+def _sample_crops(u: np.ndarray, spec: ViewSpec, height: np.ndarray | int, width: np.ndarray | int) -> np.ndarray:
     """torchvision's RandomResizedCrop.get_params, vectorised: up to 10 tries of (area, log-ratio)
     per view; the first that fits wins, else a centre crop with the ratio clamped into range.
+    ``height``/``width``: the source size, one for all views or one per view (N,).
     Returns (N, 4) int64 ``top, left, height, width``."""
     n = u.shape[0]
+    height = np.broadcast_to(np.asarray(height, np.int64), (n,))
+    width = np.broadcast_to(np.asarray(width, np.int64), (n,))
     s_lo, s_hi = spec.crop_scale
     lr_lo, lr_hi = math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1])
-    if s_lo == s_hi and lr_lo == lr_hi:  # a fixed crop size (EMP-SSL): one try decides for all
+    if s_lo == s_hi and lr_lo == lr_hi:  # a fixed crop size (EMP-SSL): every try draws the same box
         u_area, u_ratio = u[:1, _U_AREA], u[:1, _U_RATIO]
     else:
         u_area, u_ratio = u[:, _U_AREA], u[:, _U_RATIO]
-    target = height * width * (s_lo + (s_hi - s_lo) * u_area.astype(np.float64))
+    hh, ww = height[:, None], width[:, None]
+    target = hh * ww * (s_lo + (s_hi - s_lo) * u_area.astype(np.float64))
     aspect = np.exp(lr_lo + (lr_hi - lr_lo) * u_ratio.astype(np.float64))
     w = np.round(np.sqrt(target * aspect)).astype(np.int64)  # round half to even, like Python's round
     h = np.round(np.sqrt(target / aspect)).astype(np.int64)
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    fits = (w > 0) & (w <= ww) & (h > 0) & (h <= hh)
     first = fits.argmax(1)[:, None]
     found = fits.any(1)
     w = np.take_along_axis(w, first, 1)[:, 0]
     h = np.take_along_axis(h, first, 1)[:, 0]
     # Fallback: the whole image, cropped to the nearest allowed aspect ratio.
     in_ratio = width / height
-    if in_ratio < spec.crop_ratio[0]:
-        fw, fh = width, int(round(width / spec.crop_ratio[0]))
-    elif in_ratio > spec.crop_ratio[1]:
-        fw, fh = int(round(height * spec.crop_ratio[1])), height
-    else:
-        fw, fh = width, height
-    w = np.broadcast_to(np.where(found, w, fw), (n,))
-    h = np.broadcast_to(np.where(found, h, fh), (n,))
-    found = np.broadcast_to(found, (n,))
+    fw = np.where(in_ratio > spec.crop_ratio[1], np.round(height * spec.crop_ratio[1]), width).astype(np.int64)
+    fh = np.where(in_ratio < spec.crop_ratio[0], np.round(width / spec.crop_ratio[0]), height).astype(np.int64)
+    w = np.where(found, w, fw)
+    h = np.where(found, h, fh)
     top = np.minimum(np.floor(u[:, _U_TOP] * (height - h + 1)).astype(np.int64), height - h)
     left = np.minimum(np.floor(u[:, _U_LEFT] * (width - w + 1)).astype(np.int64), width - w)
     top = np.where(found, top, (height - h) // 2)
@@ -300,9 +299,10 @@ def _factor(u: np.ndarray, strength: float, applied: np.ndarray) -> np.ndarray:
     return np.where(applied, lo + (hi - lo) * u, np.float32(1)).astype(np.float32)
 
 
-def sample_view_params(spec: ViewSpec, batch_size: int, height: int, width: int,
+def sample_view_params(spec: ViewSpec, batch_size: int, height: int | np.ndarray, width: int | np.ndarray,
                        generator: torch.Generator | None = None) -> ViewParams:
-    """Draw the parameters of ``spec.count * batch_size`` views of ``height x width`` images.
+    """Draw the parameters of ``spec.count * batch_size`` views of ``height x width`` images (one
+    size for all, or arrays of ``batch_size`` sizes for images of different sizes).
 
     All randomness is one ``torch.rand`` call with ``generator`` (on its device); the parameters
     are then derived on the host, so a CPU generator with the same seed gives the same views on
@@ -317,7 +317,8 @@ def sample_view_params(spec: ViewSpec, batch_size: int, height: int, width: int,
     zeros = np.zeros(n, np.float32)
     arrays = dict(
         image_index=np.tile(np.arange(batch_size, dtype=np.int64), spec.count),
-        crop=_sample_crops(u, spec, height, width),
+        crop=_sample_crops(u, spec, np.tile(np.asarray(height), spec.count) if np.ndim(height) else height,
+                           np.tile(np.asarray(width), spec.count) if np.ndim(width) else width),
         flip=u[:, _U_FLIP] < spec.flip_p,
         brightness=_factor(u[:, _U_B], spec.brightness, jitter),
         contrast=_factor(u[:, _U_C], spec.contrast, jitter),
@@ -569,9 +570,13 @@ def _rows_in(host_rows: torch.Tensor, start: int, end: int) -> slice:
     return slice(int(lo), int(hi))
 
 
-def _default_chunk(device: torch.device) -> int:
-    # On CPU, chunks of a few hundred views keep the working set in cache; a GPU takes it all at once.
-    return 1 << 30 if device.type == "cuda" else 384
+def _default_chunk(device: torch.device, crop_bytes: int) -> int:
+    """Views per chunk. On CPU, a few hundred small views keep the working set in cache; a GPU takes
+    them all at once. Either way the gathered crops (``crop_bytes`` each, in float32) stay under a
+    bound (32 MiB on CPU, 2 GiB on a GPU), which matters for large photographs."""
+    if device.type == "cuda":
+        return max(1, min(1 << 30, (2 << 30) // crop_bytes))
+    return max(1, min(384, (32 << 20) // crop_bytes))
 
 
 def apply_view_params(images: torch.Tensor, params: ViewParams, spec: ViewSpec, *,
@@ -622,7 +627,7 @@ def _render(images: torch.Tensor, params: ViewParams, spec: ViewSpec, *, dtype: 
 
     out = torch.empty(n, channels, size, size, device=device, dtype=dtype)
     scratch = _Scratch(device)
-    step = chunk or _default_chunk(device)
+    step = chunk or _default_chunk(device, channels * kh * kw * 4)
     for s in range(0, n, step):
         e = min(n, s + step)
         m = e - s

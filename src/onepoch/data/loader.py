@@ -26,7 +26,9 @@ RESIDENT_FRACTION = 0.5
 @dataclass
 class Batch:
     """``images`` uint8 (B, H, W, C) and ``labels`` int64 (B,) on the loader's device;
-    ``indices`` (B,) int64 on the CPU: the rows of the split they came from."""
+    ``indices`` (B,) int64 on the CPU: the rows of the split they came from. For an encoded
+    (JPEG-at-rest) split, ``images`` is an :class:`onepoch.encoded_views.EncodedBatch`, decoded
+    when its views are made."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -93,6 +95,8 @@ class BatchLoader:
                 f"than the {split.split} split ({n} images); use a smaller batch"
             )
         nbytes = split.images.nbytes
+        if split.encoded:  # JPEG at rest: batches are decoded per step (onepoch.encoded_views)
+            resident = False
         if resident is None:
             resident = nbytes <= RESIDENT_FRACTION * available_memory(self.device)
         self.resident = resident
@@ -142,7 +146,13 @@ class BatchLoader:
         for step in range(start_step, steps):
             chunk = order[step * global_batch:(step + 1) * global_batch]
             idx = chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-            yield Batch(self._gather(idx), self.labels.index_select(0, idx.to(self.labels.device)), idx)
+            if self.split.encoded:
+                from onepoch.encoded_views import EncodedBatch
+
+                images = EncodedBatch(self.split.images, idx.numpy(), chunk.numpy())
+            else:
+                images = self._gather(idx)
+            yield Batch(images, self.labels.index_select(0, idx.to(self.labels.device)), idx)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)

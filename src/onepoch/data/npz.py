@@ -9,8 +9,9 @@ Two layouts are understood:
   (uint8 bytes, int offsets of length N + 1 starting at 0 and ending at ``len(X_jpeg)``).
 
 Both may carry ``class_names`` (strings); without it the classes are named "0".."K-1" with
-K = max label + 1 over both splits. Labels must be integers >= 0. Images are used as stored:
-there is no resizing or colour conversion for npz sources.
+K = max label + 1 over both splits. Labels must be integers >= 0. Array images are used as stored.
+JPEG bytes are either decoded into raw arrays (:func:`read_npz`; all images of one size, grayscale or
+CMYK ones among colour ones converted to RGB) or kept as they are, JPEG at rest (:func:`read_npz_encoded`).
 """
 
 from __future__ import annotations
@@ -162,9 +163,8 @@ def _class_names(path: Path, arrays: _NpzArrays, labels: list[np.ndarray]) -> li
     return out
 
 
-def read_npz(path: str | os.PathLike) -> tuple[dict[str, SplitArrays], list[str]]:
-    """Read an npz dataset (either layout) into {"train", "test"} splits and class names."""
-    path = Path(path).expanduser().resolve()
+def _open_npz(path: Path, read):
+    """``read(path, arrays)`` on an open npz file (every failure a one-line DataError)."""
     try:
         f = open(path, "rb")  # a missing path is refused earlier, by sources.locate_source
     except OSError as e:
@@ -181,7 +181,40 @@ def read_npz(path: str | os.PathLike) -> tuple[dict[str, SplitArrays], list[str]
         except _LOAD_ERRORS as e:
             raise DataError(f"{path}: not a readable .npz file ({one_line(e)})") from None
         with npz:
-            return _read_splits(path, _NpzArrays(path, npz))
+            return read(path, _NpzArrays(path, npz))
+
+
+def read_npz(path: str | os.PathLike) -> tuple[dict[str, SplitArrays], list[str]]:
+    """Read an npz dataset (either layout) into {"train", "test"} splits and class names."""
+    return _open_npz(Path(path).expanduser().resolve(), _read_splits)
+
+
+def read_npz_encoded(path: str | os.PathLike) -> tuple[dict[str, Any], list[str]]:
+    """An npz of JPEG bytes as JPEG-at-rest splits: {"train", "test"} ->
+    :class:`onepoch.data.encoded.EncodedSource` (each image's bytes as stored), and class names."""
+    return _open_npz(Path(path).expanduser().resolve(), _read_encoded)
+
+
+def _read_encoded(path: Path, arrays: _NpzArrays) -> tuple[dict[str, Any], list[str]]:
+    from onepoch.data.encoded import EncodedSource
+
+    if detect_layout(path, arrays.keys) != "jpeg":
+        raise DataError(f"{path}: holds image arrays, not JPEG bytes; prepare it with the raw layout")
+    labels = {s: check_labels(path, f"y_{s}", arrays[f"y_{s}"]) for s in SPLITS}
+    class_names = _class_names(path, arrays, list(labels.values()))
+    splits = {}
+    for split in SPLITS:
+        data = arrays[f"{split}_jpeg"]
+        if data.ndim != 1 or data.dtype != np.uint8:
+            raise DataError(f"{path}: {split}_jpeg must be 1-D uint8 bytes, found {data.dtype} {data.shape}")
+        bounds = check_offsets(path, split, arrays[f"{split}_offsets"], data.size, labels[split].shape[0]).tolist()
+
+        def records(data=data, bounds=bounds, y=labels[split].tolist(), split=split):
+            for i in range(len(y)):
+                yield f"{path.name}: {split} image {i}", data[bounds[i]:bounds[i + 1]].tobytes(), y[i]
+
+        splits[split] = EncodedSource(len(bounds) - 1, records)
+    return splits, class_names
 
 
 def _read_splits(path: Path, arrays: _NpzArrays) -> tuple[dict[str, SplitArrays], list[str]]:

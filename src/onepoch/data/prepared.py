@@ -1,12 +1,15 @@
 """Prepared datasets: plain ``.npy`` arrays plus JSON metadata, written atomically.
 
-Layout of a prepared dataset directory::
+Layout of a prepared dataset directory (small images: raw uint8 arrays)::
 
     OUT/dataset.json            name, splits, class names, source, the request that made it
     OUT/<split>/images.npy      uint8 (N, H, W, C)
     OUT/<split>/labels.npy      int64 (N,)
     OUT/<split>/meta.json       shape, class names, per-channel mean/std (0..1 scale), source,
                                 sha256 of each array's raw C-order bytes
+
+Large images keep their JPEG bytes instead (``"layout": "jpeg"`` in meta.json and dataset.json;
+``onepoch.data.encoded``): ``<split>/encoded.bin``, ``offsets.npy``, ``sizes.npy``, ``labels.npy``.
 
 The whole directory is written into a hidden staging directory beside OUT and renamed into place
 only when complete, so an interrupted prepare never leaves something that looks like a dataset.
@@ -51,6 +54,8 @@ class SourceData:
     class_names: list[str]
     source: str
     request: dict[str, Any] = field(default_factory=dict)
+    max_side: int | None = None  # encoded splits: longer side cap (larger images are encoded again)
+    quality: int = 95  # encoded splits: JPEG quality of the images encoded again
 
 
 def check_split(split: str, images: np.ndarray, labels: np.ndarray, num_classes: int) -> SplitArrays:
@@ -165,13 +170,22 @@ def check_out_dir(out: str | os.PathLike, name: str, request: dict[str, Any], fo
 def write_prepared(data: SourceData, out: str | os.PathLike, *, force: bool = False) -> Path:
     """Validate ``data`` and write it as a prepared dataset at ``out``, atomically.
 
-    An existing prepared dataset is only replaced with ``force``; any other existing non-empty
-    directory is refused.
+    Splits given as :class:`SplitArrays` are written as raw arrays; splits given as
+    :class:`onepoch.data.encoded.EncodedSource` keep their JPEG bytes (every split of a dataset must
+    be of one kind). An existing prepared dataset is only replaced with ``force``; any other existing
+    non-empty directory is refused.
     """
+    from onepoch.data.encoded import EncodedSource
+
     out = Path(out)
     num_classes = len(data.class_names)
     if num_classes == 0:
         raise DataError(f"{data.name}: no classes")
+    encoded = [isinstance(a, EncodedSource) for a in data.splits.values()]
+    if any(encoded) and not all(encoded):
+        raise DataError(f"{data.name}: every split must be raw arrays or every split encoded images")
+    if all(encoded):
+        return _write_encoded(data, out, force=force)
     splits = {s: check_split(s, a.images, a.labels, num_classes) for s, a in data.splits.items()}
     shapes = {tuple(a.images.shape[1:]) for a in splits.values()}
     if len(shapes) != 1:
@@ -186,44 +200,57 @@ def write_prepared(data: SourceData, out: str | os.PathLike, *, force: bool = Fa
             np.save(d / "labels.npy", arrays.labels)
             with progress(total=arrays.images.shape[0], desc=f"statistics of {split}", unit="img") as bar:
                 mean, std = channel_stats(arrays.images, on_chunk=bar.update)
-            _write_json(
-                d / "meta.json",
-                {
-                    "format": FORMAT,
-                    "version": FORMAT_VERSION,
-                    "dataset": data.name,
-                    "split": split,
-                    "num_images": int(arrays.images.shape[0]),
-                    "shape": list(arrays.images.shape[1:]),
-                    "num_classes": num_classes,
-                    "class_names": list(data.class_names),
-                    "mean": mean,
-                    "std": std,
-                    "source": data.source,
-                    "sha256": {
-                        "images": array_sha256(arrays.images),
-                        "labels": array_sha256(arrays.labels),
-                    },
-                    "created": created,
-                    "onepoch_version": __version__,
-                },
-            )
-        # dataset.json last: its presence is what marks the directory as a complete dataset.
-        _write_json(
-            tmp / DATASET_FILE,
-            {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                "name": data.name,
-                "splits": list(splits),
-                "class_names": list(data.class_names),
-                "shape": list(next(iter(shapes))),
-                "source": data.source,
-                "request": data.request,
-                "created": created,
-                "onepoch_version": __version__,
-            },
-        )
+            _write_json(d / "meta.json", {
+                **_common_meta(data, split, created), "num_images": int(arrays.images.shape[0]),
+                "shape": list(arrays.images.shape[1:]), "mean": mean, "std": std,
+                "sha256": {"images": array_sha256(arrays.images), "labels": array_sha256(arrays.labels)},
+            })
+        _write_dataset_json(tmp, data, list(splits), list(next(iter(shapes))), created)
+        publish_dir(tmp, out)
+    return out
+
+
+def _common_meta(data: SourceData, split: str, created: str) -> dict[str, Any]:
+    return {"format": FORMAT, "version": FORMAT_VERSION, "dataset": data.name, "split": split,
+            "num_classes": len(data.class_names), "class_names": list(data.class_names), "source": data.source,
+            "created": created, "onepoch_version": __version__}
+
+
+def _write_dataset_json(tmp: Path, data: SourceData, splits: list[str], shape: list[int], created: str,
+                        **extra: Any) -> None:
+    # dataset.json last: its presence is what marks the directory as a complete dataset.
+    _write_json(tmp / DATASET_FILE, {
+        "format": FORMAT, "version": FORMAT_VERSION, "name": data.name, "splits": splits,
+        "class_names": list(data.class_names), "shape": shape, **extra, "source": data.source,
+        "request": data.request, "created": created, "onepoch_version": __version__,
+    })
+
+
+def _write_encoded(data: SourceData, out: Path, *, force: bool) -> Path:
+    """write_prepared for JPEG-at-rest splits (streamed: memory stays bounded whatever the size)."""
+    from onepoch.data.encoded import eval_size_default, write_encoded_split
+
+    check_out_dir(out, data.name, data.request, force)
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    eval_sizes = []
+    with staging_dir(out) as tmp:
+        for split, source in data.splits.items():
+            d = tmp / split
+            d.mkdir()
+            measured = write_encoded_split(d, source, len(data.class_names), max_side=data.max_side,
+                                           quality=data.quality, desc=f"{data.name} {split}")
+            sizes = np.load(d / "sizes.npy")
+            eval_size = eval_size_default(data.max_side, sizes)
+            eval_sizes.append(eval_size)
+            _write_json(d / "meta.json", {
+                **_common_meta(data, split, created), "layout": "jpeg", **measured,
+                "shape": [eval_size, eval_size, 3], "eval_size": eval_size,
+                "max_side": data.max_side, "quality": data.quality,
+                "min_size": [int(v) for v in sizes.min(0)], "max_size": [int(v) for v in sizes.max(0)],
+                "bytes": int(np.load(d / "offsets.npy")[-1]),
+            })
+        size = min(eval_sizes)
+        _write_dataset_json(tmp, data, list(data.splits), [size, size, 3], created, layout="jpeg")
         publish_dir(tmp, out)
     return out
 
@@ -258,15 +285,24 @@ class PreparedSplit:
     def std(self) -> list[float]:
         return list(self.meta["std"])
 
+    @property
+    def encoded(self) -> bool:
+        """True for a JPEG-at-rest split (``images`` is an EncodedImages)."""
+        return self.meta.get("layout") == "jpeg"
+
     def subset(self, count: int) -> "PreparedSplit":
         """The first ``count`` images of this split (mean/std stay those of the whole split)."""
-        return PreparedSplit(self.root, self.split, self.images[:count], self.labels[:count], self.meta)
+        images = self.images.subset(count) if self.encoded else self.images[:count]
+        return PreparedSplit(self.root, self.split, images, self.labels[:count], self.meta)
 
 
 def open_split(
-    root: str | os.PathLike, split: str = "train", *, mmap: bool = True, verify: bool = False
+    root: str | os.PathLike, split: str = "train", *, mmap: bool = True, verify: bool = False,
+    image_size: int | None = None,
 ) -> PreparedSplit:
-    """Open ``root/split`` of a prepared dataset. ``verify`` re-hashes the arrays against meta.json."""
+    """Open ``root/split`` of a prepared dataset. ``verify`` re-hashes the files against meta.json.
+    An encoded (JPEG-at-rest) split's ``images`` is an :class:`onepoch.data.encoded.EncodedImages`,
+    read as uint8 batches at ``image_size`` (default: the split's ``eval_size``)."""
     root = Path(root)
     info = read_dataset_info(root)
     if split not in info.get("splits", []):
@@ -276,6 +312,8 @@ def open_split(
         meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"{d / 'meta.json'} is missing or unreadable: {e}") from None
+    if meta.get("layout") == "jpeg":
+        return _open_encoded(root, split, meta, verify=verify, image_size=image_size)
     try:
         images = np.load(d / "images.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
         labels = np.load(d / "labels.npy", allow_pickle=False)
@@ -295,4 +333,22 @@ def open_split(
                     f"{d / (key + '.npy')}: checksum does not match meta.json "
                     "(the file changed after it was prepared; prepare it again)"
                 )
+    return PreparedSplit(root, split, images, labels, meta)
+
+
+def _open_encoded(root: Path, split: str, meta: dict[str, Any], *, verify: bool, image_size: int | None
+                  ) -> PreparedSplit:
+    from onepoch.data.encoded import EncodedImages, verify_encoded_split
+
+    d = root / split
+    if verify:
+        verify_encoded_split(d, meta)
+    images = EncodedImages.open(d, image_size or int(meta["eval_size"]))
+    try:
+        labels = np.load(d / "labels.npy", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{d}: cannot read labels ({e})") from None
+    if len(images) != int(meta["num_images"]) or labels.dtype != np.int64 or labels.shape != (len(images),):
+        raise DataError(f"{d}: expected {meta['num_images']} images and int64 labels, found {len(images)} "
+                        f"images and {labels.dtype} labels {labels.shape} (prepare it again)")
     return PreparedSplit(root, split, images, labels, meta)

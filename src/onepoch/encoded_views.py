@@ -1,0 +1,126 @@
+"""Training views of JPEG-at-rest batches: decode once, crop many.
+
+For a step of ``b`` images and view groups ``specs``:
+
+1. the random parameters of every view are drawn first, exactly as for raw images
+   (:func:`onepoch.views.sample_view_params` with each image's own stored size, from the generator of
+   ``(seed, step, group)``), so the crops are boxes in full-size pixels;
+2. each image is decoded **once**, at the smallest scale its crops need: the largest reduction r in
+   (1, 2, 4, 8) at which the shorter side of every one of its crops, in every group, still has at
+   least that group's output size (:func:`onepoch.data.encoded.reduction_for`); the decodes run in a
+   thread pool (Pillow releases the GIL) and can start while the previous steps train;
+3. the crop boxes are moved onto the decoded images (:func:`onepoch.data.encoded.scale_crops`: at
+   1/r scale a box's corners fall on multiples of r full-size pixels, at most r/2 pixels from where
+   they were drawn, under 1/(2 x size) of the crop's side: another valid random crop), the
+   decoded images are padded into one uint8 batch, and every group's views are rendered from it by
+   the batched view code (:func:`onepoch.views.apply_view_params`), on the training device.
+
+Every result is a function of (seed, step, image bytes): the same views whatever the number of decode
+threads, their timing, or how many steps are decoded together.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from onepoch.data.encoded import EncodedImages, decode_image, pad_into_canvas, reduction_for, scale_crops
+from onepoch.views import ViewParams, apply_view_params, sample_view_params, seeded_generator
+
+
+@dataclass
+class EncodedBatch:
+    """A training batch of an encoded split, not yet decoded: this rank's rows ``index`` (b,) of the
+    step's global rows ``global_index`` (b * world_size,)."""
+
+    images: EncodedImages
+    index: np.ndarray
+    global_index: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index),)
+
+
+def rank_view_params(spec: Any, n: int, heights: Any, widths: Any, generator: torch.Generator, *,
+                     rank: int = 0, world_size: int = 1) -> ViewParams:
+    """The parameters of this rank's views: drawn for the global batch of ``n * world_size`` images
+    (``heights``/``widths``: one size, or the global batch's sizes), then rank ``rank``'s rows
+    ``v*B + rank*n + (0..n-1)`` of every view v, ``image_index`` counted from this rank's first image."""
+    full = sample_view_params(spec, n * world_size, heights, widths, generator)
+    if world_size > 1:
+        rows = (torch.arange(spec.count).view(-1, 1) * n * world_size + rank * n + torch.arange(n)).flatten()
+        full = full.rows(rows)
+        full.image_index -= rank * n
+    return full
+
+
+@dataclass
+class PendingViews:
+    """Steps whose images are being decoded: per step and group, the view parameters (in full-size
+    pixels, ``image_index`` into the steps' images stacked in order); the decodes as futures."""
+
+    params: list[list[ViewParams]]
+    counts: list[int]
+    full_sizes: np.ndarray  # (sum of counts, 2) height, width as stored
+    decodes: list[Future]
+
+
+def start_encoded_views(batches: list[EncodedBatch], specs: list, seed: int, first_step: int,
+                        pool: ThreadPoolExecutor, *, rank: int = 0, world_size: int = 1) -> PendingViews:
+    """Draw the views of consecutive steps and start decoding their images in ``pool`` (step 1-2 of
+    the module docstring); :func:`finish_encoded_views` renders them."""
+    params: list[list[ViewParams]] = []
+    counts = [len(b.index) for b in batches]
+    reduce = []  # per step: each image's decode reduction, the smallest over its groups' crops
+    for k, batch in enumerate(batches):
+        sizes = batch.images.image_sizes(batch.global_index)
+        n = counts[k]
+        step_params = [rank_view_params(spec, n, sizes[:, 0], sizes[:, 1],
+                                        seeded_generator(seed, first_step + k, g), rank=rank, world_size=world_size)
+                       for g, spec in enumerate(specs)]
+        r = np.full(n, 8, np.int64)
+        for spec, p in zip(specs, step_params):
+            crop = p.crop.numpy()
+            side = np.full(n, np.iinfo(np.int64).max)
+            np.minimum.at(side, p.image_index.numpy(), crop[:, 2:].min(1))
+            r = np.minimum(r, reduction_for(side, spec.size))
+        reduce.append(r)
+        params.append(step_params)
+    decodes = []
+    for batch, r in zip(batches, reduce):
+        for i, factor in zip(batch.index, r):
+            decodes.append(pool.submit(decode_image, batch.images.encoded(int(i)), int(factor), f"image {int(i)}"))
+    full_sizes = np.concatenate([b.images.image_sizes(b.index) for b in batches])
+    return PendingViews(params, counts, full_sizes, decodes)
+
+
+def finish_encoded_views(pending: PendingViews, specs: list, device: torch.device, *,
+                         channels_last: bool = False) -> list[list[torch.Tensor]]:
+    """Wait for the decodes and render every view (step 3 of the module docstring): per step, a list
+    of (count, b, C, size, size) per group (float32, outside autocast)."""
+    decoded = [f.result() for f in pending.decodes]
+    decoded_sizes = np.array([a.shape[:2] for a in decoded], np.int64)
+    canvas = torch.from_numpy(pad_into_canvas(decoded))
+    if device.type == "cuda":
+        canvas = canvas.pin_memory()
+    canvas = canvas.to(device, non_blocking=True)
+    offsets = np.cumsum([0] + pending.counts[:-1])
+    per_step: list[list[torch.Tensor]] = [[] for _ in pending.counts]
+    for g, spec in enumerate(specs):
+        moved = []
+        for k, off in enumerate(offsets):
+            p = pending.params[k][g]
+            rows = p.image_index.numpy() + off
+            crop = scale_crops(p.crop.numpy(), pending.full_sizes[rows], decoded_sizes[rows])
+            moved.append(replace(p, image_index=torch.from_numpy(rows), crop=torch.from_numpy(crop)))
+        stacked = ViewParams(**{name: torch.cat([getattr(m, name) for m in moved])
+                                for name in ViewParams.__dataclass_fields__})
+        views = apply_view_params(canvas, stacked, spec, channels_last=channels_last)
+        for k, part in enumerate(views.split([spec.count * n for n in pending.counts])):
+            per_step[k].append(part.unflatten(0, (spec.count, pending.counts[k])))
+    return per_step
