@@ -173,7 +173,7 @@ BAD_INPUTS = {
                                             "dog/d.png": _png()}),
                       "b.png"),
     "offline, nothing found": (["cifar10", "--no-download"], lambda d: None, "not found.*download"),
-    "unknown source": (["imagenet"], lambda d: None, "unknown dataset source 'imagenet'"),
+    "unknown source": (["imagenet-21k"], lambda d: None, "unknown dataset source 'imagenet-21k'"),
 }
 
 

@@ -271,3 +271,21 @@ def test_the_loader_yields_encoded_batches(tmp_path):
     batches = list(loader.epoch(0))
     assert len(batches) == 2 and not loader.resident
     assert all(isinstance(b.images, EncodedBatch) and b.images.index.tolist() == b.indices.tolist() for b in batches)
+
+
+def test_large_uint8_crops_resized_one_by_one_agree_with_the_resampling_matrices():
+    """On CPU, uint8 crops over PER_VIEW_RESIZE_ABOVE pixels are resized by torch's antialiased uint8
+    interpolation (Pillow-like, rounded to uint8) instead of the dense matrices; both draw the same
+    views from the same parameters (float input takes the dense path: the reference)."""
+    import onepoch.views as views
+
+    rng = np.random.default_rng(8)
+    images = torch.from_numpy(np.stack([np.asarray(photo(rng, 160, 200, noise=0)) for _ in range(3)]))
+    for interpolation in ("bilinear", "bicubic"):
+        spec = ViewSpec(count=4, size=48, crop_scale=(0.3, 1.0), interpolation=interpolation)
+        params = sample_view_params(spec, 3, 160, 200, torch.Generator().manual_seed(0))
+        assert int(params.crop[:, 2:].max()) > views.PER_VIEW_RESIZE_ABOVE
+        fast = apply_view_params(images, params, spec)
+        dense = apply_view_params(images.float() / 255, params, spec)
+        diff = (fast - dense).abs()
+        assert diff.mean() < 2 / 255 and diff.max() < 12 / 255, (interpolation, diff.mean(), diff.max())

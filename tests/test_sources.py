@@ -10,13 +10,14 @@ from onepoch.errors import DataError
 
 
 def test_source_names():
-    assert SOURCE_NAMES == ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder", "npz")
+    assert SOURCE_NAMES == ("fashion-mnist", "mnist", "cifar10", "cifar100", "folder", "npz", "imagenette",
+                            "imagenette-320", "imagenette-160", "imagenet", "imagenet100", "tiny-imagenet", "stl10")
 
 
 def test_unknown_source_lists_the_valid_names():
-    with pytest.raises(DataError, match=r"unknown dataset source 'imagenet' \(valid: fashion-mnist, mnist, "
-                                        r"cifar10, cifar100, folder, npz\)"):
-        load_source("imagenet")
+    with pytest.raises(DataError, match=r"unknown dataset source 'imagenet-21k' \(valid: fashion-mnist, mnist, "
+                                        r"cifar10, cifar100, folder, npz, imagenette, .*, stl10\)"):
+        load_source("imagenet-21k")
 
 
 @pytest.mark.parametrize("name", ["folder", "npz"])

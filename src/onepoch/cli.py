@@ -40,18 +40,24 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     plan = locate_source(args.name, args.source, size=args.size, test_source=args.test_source,
                          test_fraction=args.test_fraction, grayscale=args.grayscale, seed=args.seed,
-                         download=not args.no_download)
+                         download=not args.no_download, layout=args.layout, max_side=args.max_side,
+                         quality=args.quality, classes=args.classes)
     if check_out_dir(out, plan.name, plan.request, force=args.force):
         print(f"{out} already holds this prepared dataset ({plan.name}, from the same files); "
               "nothing to do (--force rebuilds it)")
         return 0
     data = plan.read()
     write_prepared(data, out, force=args.force)
-    shapes = ", ".join(f"{split} {a.images.shape[0]:,} x {'x'.join(map(str, a.images.shape[1:]))}"
-                       for split, a in data.splits.items())
+    shapes = ", ".join(_split_summary(split, a) for split, a in data.splits.items())
     print(f"prepared {data.name} -> {out}: {shapes}, {len(data.class_names)} classes "
           f"({time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def _split_summary(split: str, arrays) -> str:
+    if hasattr(arrays, "images"):  # raw arrays
+        return f"{split} {arrays.images.shape[0]:,} x {'x'.join(map(str, arrays.images.shape[1:]))}"
+    return f"{split} {arrays.count:,} JPEG"  # JPEG at rest
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,10 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("prepare", help="turn a dataset source into a prepared dataset directory",
-                       description="Read a dataset source and write a prepared dataset (uint8 .npy "
-                       "arrays + meta.json per split) atomically to --out.")
+                       description="Read a dataset source and write a prepared dataset atomically to --out: "
+                       "uint8 .npy arrays + meta.json per split, or, for large images, the JPEG files kept as "
+                       "they are (JPEG at rest: imagenette, imagenet, imagenet100, folder/npz with --layout jpeg).")
     p.add_argument("name", metavar="NAME",
-                   help="fashion-mnist, mnist, cifar10, cifar100, folder or npz")
+                   help="raw arrays: fashion-mnist, mnist, cifar10, cifar100, folder, npz, tiny-imagenet (64x64), "
+                   "stl10 (96x96; splits train, test, train+unlabeled); JPEG at rest: imagenette, imagenette-320, "
+                   "imagenette-160, imagenet (no download: --source DIR), imagenet100")
     p.add_argument("--out", required=True, help="directory to write the prepared dataset to")
     p.add_argument("--source", help="where the source files are (default: known locations, "
                    "then a download for the built-in datasets)")
@@ -249,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="folder: output image size (resize shorter side, centre crop)")
     p.add_argument("--grayscale", action="store_true", help="folder: store one channel instead of RGB")
     p.add_argument("--seed", type=int, default=0, help="seed of the folder train/test split (default 0)")
+    p.add_argument("--layout", choices=("raw", "jpeg"), help="folder, npz: raw uint8 arrays (default) or the "
+                   "JPEG files kept as they are (jpeg)")
+    p.add_argument("--max-side", type=int, metavar="N", help="JPEG at rest: re-encode images whose longer side "
+                   "exceeds N, shrunk to N (default: keep every size)")
+    p.add_argument("--quality", type=int, metavar="Q", help="JPEG at rest: JPEG quality of re-encoded images "
+                   "(PNG, CMYK, rotated, oversized; default 95)")
+    p.add_argument("--classes", metavar="FILE", help="imagenet, imagenette*, tiny-imagenet: keep only the classes "
+                   "(wnids) listed in FILE, one per line")
     p.add_argument("--force", action="store_true", help="replace an existing prepared dataset at --out")
     p.add_argument("--no-download", action="store_true", help="never download; fail if no local files")
     p.set_defaults(func=cmd_prepare)

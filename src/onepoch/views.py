@@ -536,13 +536,19 @@ class _Plan:
         return _Plan(**moved)
 
 
-def _make_plan(p: ViewParams, spec: ViewSpec, batch_size: int, width: int, scale: float) -> _Plan:
-    """Derive the kernels' inputs from CPU parameters (numpy: cheap for ~10^4 views)."""
+def _make_plan(p: ViewParams, spec: ViewSpec, batch_size: int, width: int, scale: float,
+               matrices: bool = True) -> _Plan:
+    """Derive the kernels' inputs from CPU parameters (numpy: cheap for ~10^4 views); ``matrices``:
+    also the resampling matrices (not needed when each view is resized on its own)."""
     crop = p.crop.numpy()
     tops, lefts, hs, ws = crop.T
     flip = p.flip.numpy()
-    wy, wy_index = _axis_matrices(hs, spec.size, spec.interpolation)
-    wx, wx_index = _axis_matrices(ws, spec.size, spec.interpolation)
+    if matrices:
+        wy, wy_index = _axis_matrices(hs, spec.size, spec.interpolation)
+        wx, wx_index = _axis_matrices(ws, spec.size, spec.interpolation)
+    else:
+        wy = wx = torch.zeros(1, 1, 1)
+        wy_index = wx_index = None
     sigma = p.blur_sigma.numpy()
 
     def rows(mask: torch.Tensor, prob: float) -> torch.Tensor:
@@ -562,6 +568,23 @@ def _make_plan(p: ViewParams, spec: ViewSpec, batch_size: int, width: int, scale
         blur_sigma=torch.from_numpy(sigma[blur.numpy()]),
         solarize=rows(p.solarize, spec.solarize_p),
     )
+
+
+# On CPU, uint8 views whose crops are larger than this (in pixels, either side) are resized one at a
+# time by torch's antialiased uint8 interpolation instead of dense resampling matrices, whose cost grows
+# with the crop's side (an ImageNet crop of ~250 pixels: ~80 MFLOP per 224x224 view, against ~0.4 ms).
+PER_VIEW_RESIZE_ABOVE = 64
+
+
+def _resize_views_(x: torch.Tensor, src: torch.Tensor, plan: _Plan, hs: np.ndarray, ws: np.ndarray,
+                   rows: range, mode: str) -> None:
+    """x[k] <- the crop of view ``rows[k]`` from uint8 ``src`` (2B, C, H, W), resized to x's size with
+    antialiasing (uint8 result, as Pillow's resize gives: within 1-3 levels of it on photographs)."""
+    size = x.shape[-1]
+    for k, j in enumerate(rows):
+        t, left = int(plan.tops[j]), int(plan.lefts[j])
+        crop = src[int(plan.source[j]):int(plan.source[j]) + 1, :, t:t + int(hs[j]), left:left + int(ws[j])]
+        x[k].copy_(torch.nn.functional.interpolate(crop, size=(size, size), mode=mode, antialias=True)[0])
 
 
 def _rows_in(host_rows: torch.Tensor, start: int, end: int) -> slice:
@@ -603,19 +626,23 @@ def _render(images: torch.Tensor, params: ViewParams, spec: ViewSpec, *, dtype: 
     size = spec.size
     host = params.to("cpu")
     scale = 1 / 255 if images.dtype == torch.uint8 else 1.0
-    host_plan = _make_plan(host, spec, bsz, width, scale)
+    hs, ws = host.crop[:, 2].numpy(), host.crop[:, 3].numpy()
+    per_view = (device.type == "cpu" and images.dtype == torch.uint8 and hs.size > 0
+                and max(int(hs.max()), int(ws.max())) > PER_VIEW_RESIZE_ABOVE)
+    host_plan = _make_plan(host, spec, bsz, width, scale, matrices=not per_view)
     plan = host_plan.to(device)
     n = host.crop.shape[0]
-    kh, kw = plan.wy.shape[-1], plan.wx.shape[-2]
+    kh, kw = (int(hs.max()), int(ws.max())) if per_view else (plan.wy.shape[-1], plan.wx.shape[-2])
     radius = max(1, math.ceil(3 * spec.blur_sigma[1]))  # the same truncation for every view
     blur_matrices = _gaussian_blur_matrices(plan.blur_sigma, size, radius)
 
-    # Crops are Kh x Kw windows (the longest crop) read through a strided view of the zero-padded
-    # sources, the mirrored images stacked after the originals.
+    # The mirrored images are stacked after the originals. Dense resampling reads Kh x Kw windows (the
+    # longest crop) through a strided view of the zero-padded sources.
     src = torch.cat([images, images.flip(2)]).permute(0, 3, 1, 2)
-    src = torch.nn.functional.pad(src.to(torch.float32, memory_format=torch.contiguous_format),
-                                  (0, kw - 1, 0, kh - 1))
-    windows = src.unfold(2, kh, 1).unfold(3, kw, 1).permute(0, 2, 3, 1, 4, 5)  # (2B, H, W, C, Kh, Kw)
+    if not per_view:
+        src = torch.nn.functional.pad(src.to(torch.float32, memory_format=torch.contiguous_format),
+                                      (0, kw - 1, 0, kh - 1))
+        windows = src.unfold(2, kh, 1).unfold(3, kw, 1).permute(0, 2, 3, 1, 4, 5)  # (2B, H, W, C, Kh, Kw)
 
     jitter = spec.jitter_p > 0
     contrast = jitter and spec.contrast > 0
@@ -631,22 +658,26 @@ def _render(images: torch.Tensor, params: ViewParams, spec: ViewSpec, *, dtype: 
     for s in range(0, n, step):
         e = min(n, s + step)
         m = e - s
-        crops = windows[plan.source[s:e], plan.tops[s:e], plan.lefts[s:e]]  # (m, C, Kh, Kw)
-        crops.mul_(plan.gain[s:e].view(-1, 1, 1, 1))  # brightness (resizing is linear)
-        cols = scratch.get("cols", m * channels, kh, size)
         x = out[s:e] if dtype == torch.float32 else scratch.get("x", m, channels, size, size)
-        # Resize = two products: along the width (cols = crops @ wx), then the height (wy @ cols).
-        # When all crops have the same width the first is one big GEMM with a shared matrix.
-        if plan.wx_index is None:
-            torch.mm(crops.view(-1, kw), plan.wx[0], out=cols.view(-1, size))
+        if per_view:
+            _resize_views_(x, src, host_plan, hs, ws, range(s, e), spec.interpolation)
+            x.mul_(plan.gain[s:e].view(-1, 1, 1, 1))  # brightness and the uint8 scale
         else:
-            torch.bmm(crops.view(m, channels * kh, kw), plan.wx.index_select(0, plan.wx_index[s:e]),
-                      out=cols.view(m, channels * kh, size))
-        if plan.wy_index is None:
-            rows = plan.wy[0].expand(m * channels, size, kh)
-        else:
-            rows = plan.wy.index_select(0, plan.wy_index[s:e].repeat_interleave(channels))
-        torch.bmm(rows, cols, out=x.view(-1, size, size))
+            crops = windows[plan.source[s:e], plan.tops[s:e], plan.lefts[s:e]]  # (m, C, Kh, Kw)
+            crops.mul_(plan.gain[s:e].view(-1, 1, 1, 1))  # brightness (resizing is linear)
+            cols = scratch.get("cols", m * channels, kh, size)
+            # Resize = two products: along the width (cols = crops @ wx), then the height (wy @ cols).
+            # When all crops have the same width the first is one big GEMM with a shared matrix.
+            if plan.wx_index is None:
+                torch.mm(crops.view(-1, kw), plan.wx[0], out=cols.view(-1, size))
+            else:
+                torch.bmm(crops.view(m, channels * kh, kw), plan.wx.index_select(0, plan.wx_index[s:e]),
+                          out=cols.view(m, channels * kh, size))
+            if plan.wy_index is None:
+                rows = plan.wy[0].expand(m * channels, size, kh)
+            else:
+                rows = plan.wy.index_select(0, plan.wy_index[s:e].repeat_interleave(channels))
+            torch.bmm(rows, cols, out=x.view(-1, size, size))
         x.clamp_(0, 1)  # interpolation overshoot and brightness > 1
         if contrast:
             _adjust_contrast_(x, plan.contrast[s:e])

@@ -1,11 +1,12 @@
-"""Downloading dataset files into onepoch's cache: pinned sha256, retries with back-off, resume.
+"""Downloading dataset files into onepoch's cache: pinned hashes, retries with back-off, resume.
 
 The cache root is ``$ONEPOCH_CACHE``, else ``$XDG_CACHE_HOME/onepoch``, else ``~/.cache/onepoch``;
 downloaded source files live in ``<cache root>/downloads/<dataset name>/``.
 Setting ``ONEPOCH_OFFLINE=1`` forbids every download.
 
-Every file is fetched against the sha256 pinned for it (``onepoch.data.sources``): a download, or a
-file already in the cache, whose hash differs is deleted and reported, never used. A transfer streams
+Every file is fetched against the sha256 pinned for it (``onepoch.data.sources``), or its MD5 where
+MD5 is all that is published (torchvision's pins of STL-10, Tiny ImageNet, Imagenette): a download,
+or a file already in the cache, whose hash differs is deleted and reported, never used. A transfer streams
 into ``<file>.part``; one cut short (a dropped connection, a read that stalls for ``timeout`` seconds,
 an interrupted process) is resumed from where it stopped with an HTTP ``Range`` request, or
 restarted when the server does not resume. Failures that may pass (network errors, timeouts, HTTP
@@ -55,30 +56,43 @@ def offline() -> bool:
     return os.environ.get("ONEPOCH_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, as 64 lowercase hex digits."""
-    digest = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """The ``algorithm`` (sha256 or md5) digest of a file's bytes, as lowercase hex digits."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, as 64 lowercase hex digits."""
+    return file_digest(path, "sha256")
+
+
+def _pinned(sha256: str | None, md5: str | None) -> tuple[str, str]:
+    """(algorithm, expected lowercase digest) of a pin given as exactly one of sha256 / md5."""
+    if (sha256 is None) == (md5 is None):
+        raise ValueError("pin a file with exactly one of sha256= or md5=")
+    return ("sha256", sha256.lower()) if sha256 is not None else ("md5", md5.lower())  # type: ignore[union-attr]
+
+
 def _report(message: str) -> None:
     print(f"onepoch: warning: {message}", file=sys.stderr)
 
 
-def verified_file(path: str | os.PathLike, sha256: str) -> Path | None:
-    """``path`` if it exists with the sha256 ``sha256``; None if it does not exist. A file with another
-    hash is deleted (and reported on stderr): it is never used."""
+def verified_file(path: str | os.PathLike, sha256: str | None = None, *, md5: str | None = None) -> Path | None:
+    """``path`` if it exists with the pinned hash (``sha256``, or ``md5``); None if it does not exist.
+    A file with another hash is deleted (and reported on stderr): it is never used."""
+    algorithm, expected = _pinned(sha256, md5)
     path = Path(path)
     if not path.is_file():
         return None
-    digest = sha256_file(path)
-    if digest == sha256.lower():
+    digest = file_digest(path, algorithm)
+    if digest == expected:
         return path
     path.unlink()
-    _report(f"deleted {path}: its sha256 {digest} is not the pinned {sha256.lower()}")
+    _report(f"deleted {path}: its {algorithm} {digest} is not the pinned {expected}")
     return None
 
 
@@ -147,9 +161,10 @@ def _transfer(url: str, part: Path, *, desc: str, timeout: float) -> bool:
     return resumed
 
 
-def download(url: str, dest_path: str | os.PathLike, *, sha256: str, desc: str,
-             timeout: float = DEFAULT_TIMEOUT_S) -> Path:
-    """Fetch ``url`` into ``dest_path`` and check that its bytes have the sha256 ``sha256``.
+def download(url: str, dest_path: str | os.PathLike, *, sha256: str | None = None, desc: str,
+             timeout: float = DEFAULT_TIMEOUT_S, md5: str | None = None) -> Path:
+    """Fetch ``url`` into ``dest_path`` and check that its bytes have the sha256 ``sha256`` (or, for a
+    file whose publisher gives only an MD5, the md5 ``md5``; exactly one of the two).
 
     The bytes stream into ``<dest>.part``; only a complete file with the right hash is renamed to
     ``dest_path`` (so it is absent or right). Failures that may pass are retried (see the module),
@@ -160,7 +175,7 @@ def download(url: str, dest_path: str | os.PathLike, *, sha256: str, desc: str,
     """
     dest = Path(dest_path)
     part = dest.with_name(dest.name + ".part")
-    expected = sha256.lower()
+    algorithm, expected = _pinned(sha256, md5)
     reason = "no attempt"
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -172,13 +187,13 @@ def download(url: str, dest_path: str | os.PathLike, *, sha256: str, desc: str,
             except _Retry as e:
                 reason = str(e)
                 continue
-            digest = sha256_file(part)
+            digest = file_digest(part, algorithm)
             if digest == expected:
                 os.replace(part, dest)
                 fsync_dir(dest.parent)
                 return dest
             part.unlink()
-            reason = f"its sha256 {digest} is not the pinned {expected}; the file was deleted"
+            reason = f"its {algorithm} {digest} is not the pinned {expected}; the file was deleted"
             if not resumed:
                 raise DataError(f"download of {url} failed: {reason}")
     except (OSError, ValueError, http.client.HTTPException) as e:  # permanent: HTTP 404, a bad URL, disk
@@ -188,14 +203,14 @@ def download(url: str, dest_path: str | os.PathLike, *, sha256: str, desc: str,
     raise DataError(f"download of {url} failed after {ATTEMPTS} tries: {reason}{kept}")
 
 
-def download_first(urls: list[str], dest_path: str | os.PathLike, *, sha256: str, desc: str,
-                   timeout: float = DEFAULT_TIMEOUT_S) -> str:
+def download_first(urls: list[str], dest_path: str | os.PathLike, *, sha256: str | None = None, desc: str,
+                   timeout: float = DEFAULT_TIMEOUT_S, md5: str | None = None) -> str:
     """:func:`download` from the first of ``urls`` (mirrors of one file) that gives the right bytes;
     returns that URL. A :class:`DataError` lists every mirror's failure."""
     failures = []
     for url in urls:
         try:
-            download(url, dest_path, sha256=sha256, desc=desc, timeout=timeout)
+            download(url, dest_path, sha256=sha256, md5=md5, desc=desc, timeout=timeout)
             return url
         except DataError as e:
             failures.append(str(e))

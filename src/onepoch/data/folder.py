@@ -9,18 +9,26 @@ Rules for a folder source:
   cannot decode -- is an error naming it; names starting with '.' are ignored everywhere;
 - each image is converted to RGB (or "L" with ``grayscale``), resized with Pillow's antialiased
   bicubic filter so that its shorter side is ``size``, then center-cropped to ``size`` x ``size``.
+
+With the JPEG-at-rest layout (:func:`read_image_folder_encoded`, ``onepoch prepare folder --layout
+jpeg``) the images are not decoded here: each split is an
+:class:`onepoch.data.encoded.EncodedSource` of the files, kept byte for byte or re-encoded as the
+writer decides (see :mod:`onepoch.data.encoded`). The ImageNet-style sources reuse the listing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from onepoch.data.encoded import EncodedSource
 from onepoch.data.prepared import SplitArrays
 from onepoch.errors import DataError, one_line
 from onepoch.progress import progress
@@ -48,8 +56,11 @@ def _visible_entries(directory: Path) -> list[os.DirEntry]:
         raise DataError(f"{directory}: cannot list directory ({e.strerror or e})") from None
 
 
-def list_image_folder(root: str | os.PathLike) -> FolderListing:
+def list_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -> FolderListing:
     """List the class directories and image files of ``root`` (see the module docstring).
+
+    ``classes`` keeps only those class directories (each must exist; labels follow their sorted
+    order, the others are not listed at all).
 
     Raises :class:`DataError` for a missing or empty root, a single class, a loose file in the root,
     a class directory without images, or an entry that is not a PNG/JPEG file.
@@ -66,6 +77,13 @@ def list_image_folder(root: str | os.PathLike) -> FolderListing:
             f"{root / loose[0]}: file in the root of an image folder; images must be in one "
             f"subfolder per class ({len(loose)} loose file(s))"
         )
+    if classes is not None:
+        wanted = set(classes)
+        missing = sorted(wanted - {e.name for e in entries})
+        if missing:
+            raise DataError(f"{root}: no class folder for {len(missing)} of the {len(wanted)} requested "
+                            f"class(es): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        entries = [e for e in entries if e.name in wanted]
     class_names, paths, labels = [], [], []
     for label, class_dir in enumerate(entries):
         class_path = root / class_dir.name
@@ -181,10 +199,26 @@ def read_image_folder(root: str | os.PathLike, *, size: int | None, grayscale: b
         raise DataError("an image folder source needs a target image size (--size N)")
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise DataError(f"image size must be a positive integer, got {size!r}")
+    (train_paths, train_labels), (test_paths, test_labels), class_names = split_image_folder(
+        root, test_source=test_source, test_fraction=test_fraction, seed=seed)
+    channels = "grayscale" if grayscale else "RGB"
+    splits = {
+        "train": SplitArrays(decode_images(train_paths, size, grayscale, f"decoding train images ({channels})"),
+                             train_labels),
+        "test": SplitArrays(decode_images(test_paths, size, grayscale, f"decoding test images ({channels})"),
+                            test_labels),
+    }
+    return splits, class_names
+
+
+def split_image_folder(root: str | os.PathLike, *, test_source: str | os.PathLike | None = None,
+                       test_fraction: float | None = None, seed: int = 0
+                       ) -> tuple[tuple[list[Path], np.ndarray], tuple[list[Path], np.ndarray], list[str]]:
+    """The ``(paths, labels)`` of the train and the test split of an image folder, and its class
+    names (see :func:`read_image_folder` for how the test split is chosen); nothing is decoded."""
     if test_source is not None and test_fraction is not None:
         raise DataError("give either a test folder or a test fraction, not both")
     listing = list_image_folder(root)
-    channels = "grayscale" if grayscale else "RGB"
     if test_source is not None:
         test_listing = list_image_folder(test_source)
         _check_same_classes(listing, test_listing)
@@ -200,10 +234,46 @@ def read_image_folder(root: str | os.PathLike, *, size: int | None, grayscale: b
         train_paths = [listing.paths[i] for i in train_idx]
         test_paths = [listing.paths[i] for i in test_idx]
         train_labels, test_labels = listing.labels[train_idx], listing.labels[test_idx]
-    splits = {
-        "train": SplitArrays(decode_images(train_paths, size, grayscale, f"decoding train images ({channels})"),
-                             train_labels),
-        "test": SplitArrays(decode_images(test_paths, size, grayscale, f"decoding test images ({channels})"),
-                            test_labels),
-    }
-    return splits, listing.class_names
+    return (train_paths, train_labels), (test_paths, test_labels), listing.class_names
+
+
+# --- JPEG at rest ----------------------------------------------------------------------------------
+
+
+def encoded_files(paths: Sequence[Path], labels: np.ndarray) -> EncodedSource:
+    """Image files and their labels as an :class:`onepoch.data.encoded.EncodedSource` (each record
+    names its file, so a file that does not decode is reported by path)."""
+    paths, labels = list(paths), np.asarray(labels, np.int64)
+    if len(paths) != len(labels):
+        raise ValueError("one label per path")
+
+    def records():
+        for path, label in zip(paths, labels):
+            yield str(path), path, int(label)
+
+    return EncodedSource(len(paths), records)
+
+
+def read_image_folder_encoded(root: str | os.PathLike, *, test_source: str | os.PathLike | None = None,
+                              test_fraction: float | None = None, seed: int = 0
+                              ) -> tuple[dict[str, EncodedSource], list[str]]:
+    """An image folder as JPEG-at-rest splits {"train", "test"} (chosen as in :func:`read_image_folder`)
+    and its class names; the images are read and checked when the splits are written."""
+    (train_paths, train_labels), (test_paths, test_labels), class_names = split_image_folder(
+        root, test_source=test_source, test_fraction=test_fraction, seed=seed)
+    return {"train": encoded_files(train_paths, train_labels),
+            "test": encoded_files(test_paths, test_labels)}, class_names
+
+
+def tree_stamp(base: Path, roots: Sequence[Path]) -> dict[str, object]:
+    """A cheap fingerprint of image folders for an idempotent prepare: the modification times of each
+    of ``roots`` and of its visible subdirectories (one level down), named relative to ``base``, hashed.
+    Adding, removing or renaming an image changes its directory's modification time; nothing is read
+    and nothing below that level is listed (an image rewritten in place keeps the stamp)."""
+    digest = hashlib.sha256()
+    dirs = 0
+    for root in roots:
+        for d in [root, *(root / e.name for e in _visible_entries(root) if e.is_dir())]:
+            digest.update(f"{d.relative_to(base).as_posix()}\t{d.stat().st_mtime_ns}\n".encode())
+            dirs += 1
+    return {"dirs": dirs, "sha256": digest.hexdigest()}
