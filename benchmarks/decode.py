@@ -149,12 +149,16 @@ def _one_thread_worker(_: int) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def time_onepoch(images, batches: list[np.ndarray], spec: ViewSpec, threads: int) -> float:
+def time_onepoch(images, batches: list[np.ndarray], spec: ViewSpec, threads: int,
+                 device: torch.device = torch.device("cpu"), device_decode=None) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with ThreadPoolExecutor(threads) as pool:
         start = time.perf_counter()
         for step, index in enumerate(batches):
-            pending = start_encoded_views([EncodedBatch(images, index, index)], [spec], 0, step, pool)
-            finish_encoded_views(pending, [spec], torch.device("cpu"))
+            pending = start_encoded_views([EncodedBatch(images, index, index)], [spec], 0, step, pool,
+                                          device_decode=device_decode)
+            finish_encoded_views(pending, [spec], device)
+        sync()
         return time.perf_counter() - start
 
 
@@ -191,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=2, help="batches per measurement (default 2)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the per-sample pipeline (default 2)")
     ap.add_argument("--threads", type=int, default=0, help="onepoch's decode threads (default: one per core)")
+    ap.add_argument("--device", default="cpu", help="where onepoch renders the views: cpu (default) or cuda "
+                    "(then also with nvJPEG decoding where torchvision offers it)")
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--smoke", action="store_true", help="8 images, 2 views of 32x32: checks that it runs")
     args = ap.parse_args(argv)
@@ -215,6 +221,17 @@ def main(argv: list[str] | None = None) -> int:
         rows = [("per-sample (DataLoader, Pillow)", time_per_sample(jpegs, args.batch, spec, args.workers)),
                 ("decode per view (FFCV-SSL style)", time_decode_per_view(images, batches, spec, threads)),
                 ("onepoch: decode once, crop many", time_onepoch(images, batches, spec, threads))]
+        device = torch.device(args.device)
+        if device.type == "cuda":
+            from onepoch.encoded_views import device_jpeg_decoder
+
+            time_onepoch(images, batches[:1], spec, threads, device)
+            rows.append(("onepoch, views on the GPU", time_onepoch(images, batches, spec, threads, device)))
+            nvjpeg = device_jpeg_decoder(device)
+            if nvjpeg is not None:
+                time_onepoch(images, batches[:1], spec, threads, device, nvjpeg)
+                rows.append(("onepoch, nvJPEG + views on the GPU",
+                             time_onepoch(images, batches, spec, threads, device, nvjpeg)))
     rates = {label: n / seconds for label, seconds in rows}
     ref = rates["per-sample (DataLoader, Pillow)"]
     print(f"{args.batches} batches of {args.batch} images x {args.views} views of {args.size}x{args.size} "
@@ -228,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"source": source, "batch": args.batch, "views": args.views, "size": args.size,
                        "batches": args.batches, "workers": args.workers, "threads": threads,
-                       "images_per_s": rates, "ratio_vs_per_sample": rates["onepoch: decode once, crop many"] / ref},
+                       "device": args.device, "images_per_s": rates,
+                       "ratio_vs_per_sample": rates["onepoch: decode once, crop many"] / ref},
                       f, indent=2)
     return 0
 

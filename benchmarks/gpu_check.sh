@@ -7,7 +7,9 @@
 #       train.compile pays for its compile time (a compiled run of --compile-steps steps);
 #   (c) the paper's evaluation of that run: bag of 128 patches of pre_feature + full image, linear
 #       probe (weight decay and epochs chosen on the validation split) and k-NN;
-#   (d) the view benchmark (benchmarks/views.py) on the CIFAR-10 images, 100 and 1,000 per call.
+#   (d) the view benchmark (benchmarks/views.py) on the CIFAR-10 images, 100 and 1,000 per call;
+#   (e) the JPEG-at-rest benchmark (benchmarks/decode.py, generated ~500x375 JPEGs, 100 images x 20 views
+#       of 224x224): views rendered on the GPU from host decodes and from nvJPEG decodes.
 #
 # Data: CIFAR-10 prepared from cifar10-jpeg.npz (the shared datasets' copy), found at $CIFAR_NPZ, else
 # data/cifar10-jpeg.npz (carry it to the GPU machine), else ../shared/datasets/cifar10/cifar10-jpeg.npz.
@@ -133,5 +135,10 @@ if [ $SMOKE = 0 ]; then
   $PY benchmarks/views.py --data "$DATA" --batch 1000 --json "$OUT/views1000.json" > "$OUT/views1000.log" 2>&1
   summary "(d) views, 1000 images/call: $(grep 'onepoch.views batched' "$OUT/views1000.log" | head -1 | sed 's/  */ /g')"
 fi
+# --- (e) JPEG at rest -----------------------------------------------------------------------------
+DEVICE=$($PY -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+$PY benchmarks/decode.py --device $DEVICE $([ $SMOKE = 1 ] && echo --smoke) --json "$OUT/decode.json" \
+  > "$OUT/decode.log" 2>&1
+summary "(e) decode: $(grep -E '^onepoch' "$OUT/decode.log" | sed 's/  */ /g' | paste -sd ';' -)"
 echo "---- summary ($OUT/summary.txt) ----"
 cat "$OUT/summary.txt"

@@ -289,3 +289,31 @@ def test_large_uint8_crops_resized_one_by_one_agree_with_the_resampling_matrices
         dense = apply_view_params(images.float() / 255, params, spec)
         diff = (fast - dense).abs()
         assert diff.mean() < 2 / 255 and diff.max() < 12 / 255, (interpolation, diff.mean(), diff.max())
+
+
+def test_a_device_decoder_gets_the_bytes_and_gives_the_full_scale_views(tmp_path):
+    """The nvJPEG path's plumbing, with a host stand-in for the device decoder: every image's bytes go to
+    it in order, and the views equal those rendered from full-scale decodes (no reduction)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    records = jpeg_records(5, 0, 100, 180)
+    out = prepare(tmp_path / "ds", records, records[:2])
+    images = open_split(out, "train").images
+    seen = []
+
+    def fake_device_decode(data, device):
+        seen.extend(bytes(d.numpy()) for d in data)
+        return [torch.from_numpy(np.array(decode_image(bytes(d.numpy())))).permute(2, 0, 1) for d in data]
+
+    with ThreadPoolExecutor(2) as pool:
+        pending = start_encoded_views([EncodedBatch(images, np.arange(5), np.arange(5))], SPECS, 7, 2, pool,
+                                      device_decode=fake_device_decode)
+        assert pending.decodes == []
+        views = finish_encoded_views(pending, SPECS, torch.device("cpu"))[0]
+    assert seen == [d for _, d, _ in records]
+    decoded = [decode_image(d) for _, d, _ in records]
+    sizes = np.array([a.shape[:2] for a in decoded])
+    canvas = torch.from_numpy(pad_into_canvas(decoded))
+    for g, spec in enumerate(SPECS):
+        params = sample_view_params(spec, 5, sizes[:, 0], sizes[:, 1], seeded_generator(7, 2, g))
+        assert torch.equal(views[g], apply_view_params(canvas, params, spec).unflatten(0, (spec.count, 5)))

@@ -65,9 +65,13 @@ def _split_summary(split: str, arrays) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+ENCODED_VIEWS_RECIPE = "emp_ssl/imagenet100_1epoch"  # `onepoch views` default for a JPEG-at-rest dataset
+
+
 def cmd_views(args: argparse.Namespace) -> int:
     import dataclasses
 
+    import numpy as np
     import torch
 
     from onepoch.config import parse_override
@@ -78,23 +82,52 @@ def cmd_views(args: argparse.Namespace) -> int:
 
     if args.images < 1 or args.views < 1:
         raise ConfigError("--images and --views must be >= 1")
+    if args.spec and args.recipe:
+        raise ConfigError("give --spec or --recipe, not both")
     figure_format(args.out)  # a bad extension fails before any work
     split = open_split(args.dataset, args.split)
     channels = split.shape[2]
-    spec_name = args.spec or ("emp_ssl_fashion_mnist" if channels == 1 else "emp_ssl_cifar")
     overrides = dict(parse_override(o) for o in args.overrides)
-    spec = load_view_spec(spec_name, overrides)
-    spec = dataclasses.replace(spec, mean=None, std=None, count=min(spec.count, args.views))
+    recipe = args.recipe or (ENCODED_VIEWS_RECIPE if split.encoded and not args.spec else None)
+    if recipe is not None:
+        from onepoch.runconfig import load_config
+
+        bases, source = list(load_config(recipe).view_specs), f"recipe {recipe}"
+    else:
+        spec_name = args.spec or ("emp_ssl_fashion_mnist" if channels == 1 else "emp_ssl_cifar")
+        bases, source = [spec_name], f"spec {spec_name}"
+    specs = []
+    for base in bases:  # one per view group; shown un-normalised
+        spec = load_view_spec(base, overrides)
+        specs.append(dataclasses.replace(spec, mean=None, std=None, count=min(spec.count, args.views)))
     n = min(args.images, split.num_images)
-    images = torch.from_numpy(split.images[:n].copy())
-    views = make_views(images, spec, torch.Generator().manual_seed(args.seed))
-    views = views.view(spec.count, n, channels, spec.size, spec.size)
-    zoom = args.zoom or max(1, math.ceil(64 / spec.size))
+    originals = np.array(split.images[:n])  # an encoded split: the evaluation view (resized, centre crop)
+    if split.encoded:
+        # the training path: each image decoded once, at the scale its crops need, all views cut from it
+        from concurrent.futures import ThreadPoolExecutor
+
+        from onepoch.encoded_views import EncodedBatch, finish_encoded_views, start_encoded_views
+
+        index = np.arange(n)
+        with ThreadPoolExecutor(split.images.threads) as pool:
+            pending = start_encoded_views([EncodedBatch(split.images, index, index)], specs, args.seed, 0, pool)
+            groups = finish_encoded_views(pending, specs, torch.device("cpu"))[0]
+    else:
+        images = torch.from_numpy(originals)
+        generator = torch.Generator().manual_seed(args.seed)
+        groups = [make_views(images, spec, generator).view(spec.count, n, channels, spec.size, spec.size)
+                  for spec in specs]
+    size = max(spec.size for spec in specs)
+    zoom = args.zoom or max(1, math.ceil(64 / size))
     out = Path(args.out)
-    titles = ["image", *(f"view {i + 1}" for i in range(spec.count))]
-    save_views_figure(out, view_tiles(split.images[:n], [views]), col_titles=titles, zoom=zoom)
-    print(f"wrote {out}: {n} images x {spec.count} views of {spec.size}x{spec.size} "
-          f"(spec {spec_name}{', ' + ' '.join(args.overrides) if args.overrides else ''})")
+    titles = ["image"]
+    for g, spec in enumerate(specs):
+        titles += [f"group {g + 1}\nview {i + 1}" if len(specs) > 1 else f"view {i + 1}" for i in range(spec.count)]
+    save_views_figure(out, view_tiles(originals, groups), col_titles=titles, zoom=zoom)
+    sizes = ", ".join(dict.fromkeys(f"{spec.size}x{spec.size}" for spec in specs))
+    print(f"wrote {out}: {n} images x {sum(spec.count for spec in specs)} views of {sizes} "
+          f"({source}{', ' + ' '.join(args.overrides) if args.overrides else ''}"
+          f"{'; JPEG at rest, decoded as in training' if split.encoded else ''})")
     return 0
 
 
@@ -272,16 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("views", help="write a figure of random views of a few images",
                        description="Render random views of the first images of a prepared dataset "
-                       "into a figure (PNG, SVG or PDF after --out): one row per image, the original then its views.")
+                       "into a figure (PNG, SVG or PDF after --out): one row per image, the original then its views. "
+                       "For a JPEG-at-rest dataset the views are made as in training (each image decoded once, "
+                       "its crops drawn on the stored full-size picture); the original is shown at its evaluation "
+                       "size (shorter side resized, centre crop).")
     p.add_argument("dataset", metavar="DATASET", help="a prepared dataset directory")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="ViewSpec fields to override, e.g. count=8 blur_p=1.0 crop_scale=[0.2,1]")
     p.add_argument("--spec", help="a preset (emp_ssl_cifar, emp_ssl_fashion_mnist) or a YAML file "
-                   "of ViewSpec fields (default: the EMP-SSL preset for the dataset's channels)")
+                   "of ViewSpec fields (default: the EMP-SSL preset for the dataset's channels; for a JPEG-at-rest "
+                   f"dataset the views of the recipe {ENCODED_VIEWS_RECIPE})")
+    p.add_argument("--recipe", help="take the views (every view group) of a training recipe: a YAML file or a "
+                   "shipped name, e.g. emp_ssl/imagenet100_1epoch or byol/imagenet100")
     p.add_argument("--out", default="views.png", help="figure to write: .png, .svg or .pdf (default views.png)")
     p.add_argument("--split", default="train", help="split to take images from (default train)")
     p.add_argument("--images", type=int, default=8, help="number of images (rows, default 8)")
-    p.add_argument("--views", type=int, default=10, help="at most this many views per image (default 10)")
+    p.add_argument("--views", type=int, default=10, help="at most this many views per image and view group "
+                   "(default 10)")
     p.add_argument("--seed", type=int, default=0, help="seed of the view generator (default 0)")
     p.add_argument("--zoom", type=int, help="pixel zoom of each view (default: views >= 64 px)")
     p.set_defaults(func=cmd_views)

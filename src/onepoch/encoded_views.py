@@ -15,6 +15,10 @@ For a step of ``b`` images and view groups ``specs``:
    decoded images are padded into one uint8 batch, and every group's views are rendered from it by
    the batched view code (:func:`onepoch.views.apply_view_params`), on the training device.
 
+On CUDA, when the installed torchvision offers batched nvJPEG decoding (``torchvision.io.decode_jpeg``
+with ``device="cuda"``), step 2 decodes the step's images on the GPU instead, at full scale (nvJPEG has
+no reduced-DCT decode), and step 3 pads them into the canvas there: :func:`device_jpeg_decoder`.
+
 Every result is a function of (seed, step, image bytes): the same views whatever the number of decode
 threads, their timing, or how many steps are decoded together.
 """
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -67,13 +71,36 @@ class PendingViews:
     params: list[list[ViewParams]]
     counts: list[int]
     full_sizes: np.ndarray  # (sum of counts, 2) height, width as stored
-    decodes: list[Future]
+    decodes: list[Future]  # host decodes, one per image (empty when the device decodes)
+    encoded: list[torch.Tensor] | None = None  # the images' bytes for a device decoder
+    device_decode: Callable | None = None
+
+
+DeviceDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
+
+
+def device_jpeg_decoder(device: torch.device) -> DeviceDecoder | None:
+    """``decode(list of uint8 byte tensors, device) -> list of uint8 (3, h, w) tensors on device``
+    with torchvision's batched nvJPEG decoder, or None (not CUDA, or torchvision without it)."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except Exception:  # noqa: BLE001 - torchvision missing or broken: the host decodes
+        return None
+
+    def decode(data: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+
+    return decode
 
 
 def start_encoded_views(batches: list[EncodedBatch], specs: list, seed: int, first_step: int,
-                        pool: ThreadPoolExecutor, *, rank: int = 0, world_size: int = 1) -> PendingViews:
+                        pool: ThreadPoolExecutor, *, rank: int = 0, world_size: int = 1,
+                        device_decode: DeviceDecoder | None = None) -> PendingViews:
     """Draw the views of consecutive steps and start decoding their images in ``pool`` (step 1-2 of
-    the module docstring); :func:`finish_encoded_views` renders them."""
+    the module docstring), or leave them to ``device_decode`` (full scale, in
+    :func:`finish_encoded_views`, which renders them)."""
     params: list[list[ViewParams]] = []
     counts = [len(b.index) for b in batches]
     reduce = []  # per step: each image's decode reduction, the smallest over its groups' crops
@@ -91,24 +118,42 @@ def start_encoded_views(batches: list[EncodedBatch], specs: list, seed: int, fir
             r = np.minimum(r, reduction_for(side, spec.size))
         reduce.append(r)
         params.append(step_params)
+    full_sizes = np.concatenate([b.images.image_sizes(b.index) for b in batches])
+    if device_decode is not None:
+        encoded = [torch.frombuffer(bytearray(b.images.encoded(int(i))), dtype=torch.uint8)
+                   for b in batches for i in b.index]
+        return PendingViews(params, counts, full_sizes, [], encoded, device_decode)
     decodes = []
     for batch, r in zip(batches, reduce):
         for i, factor in zip(batch.index, r):
             decodes.append(pool.submit(decode_image, batch.images.encoded(int(i)), int(factor), f"image {int(i)}"))
-    full_sizes = np.concatenate([b.images.image_sizes(b.index) for b in batches])
     return PendingViews(params, counts, full_sizes, decodes)
+
+
+def _device_canvas(pending: PendingViews, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    """The step's images decoded by the device decoder, padded into one uint8 (N, H, W, 3) batch there."""
+    decoded = pending.device_decode(pending.encoded, device)
+    sizes = np.array([tuple(a.shape[1:]) for a in decoded], np.int64)
+    canvas = torch.zeros(len(decoded), int(sizes[:, 0].max()), int(sizes[:, 1].max()), 3, dtype=torch.uint8,
+                         device=device)
+    for i, a in enumerate(decoded):
+        canvas[i, :a.shape[1], :a.shape[2]] = a.permute(1, 2, 0)
+    return canvas, sizes
 
 
 def finish_encoded_views(pending: PendingViews, specs: list, device: torch.device, *,
                          channels_last: bool = False) -> list[list[torch.Tensor]]:
     """Wait for the decodes and render every view (step 3 of the module docstring): per step, a list
     of (count, b, C, size, size) per group (float32, outside autocast)."""
-    decoded = [f.result() for f in pending.decodes]
-    decoded_sizes = np.array([a.shape[:2] for a in decoded], np.int64)
-    canvas = torch.from_numpy(pad_into_canvas(decoded))
-    if device.type == "cuda":
-        canvas = canvas.pin_memory()
-    canvas = canvas.to(device, non_blocking=True)
+    if pending.device_decode is not None:
+        canvas, decoded_sizes = _device_canvas(pending, device)
+    else:
+        decoded = [f.result() for f in pending.decodes]
+        decoded_sizes = np.array([a.shape[:2] for a in decoded], np.int64)
+        canvas = torch.from_numpy(pad_into_canvas(decoded))
+        if device.type == "cuda":
+            canvas = canvas.pin_memory()
+        canvas = canvas.to(device, non_blocking=True)
     offsets = np.cumsum([0] + pending.counts[:-1])
     per_step: list[list[torch.Tensor]] = [[] for _ in pending.counts]
     for g, spec in enumerate(specs):

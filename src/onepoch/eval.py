@@ -243,9 +243,15 @@ def _with_count(spec, count: int):
 
 def open_eval_splits(config: RunConfig):
     from onepoch.data.prepared import open_split
+    from onepoch.errors import ConfigError
 
     train_split = open_split(Path(config.data.root), config.data.train_split, image_size=config.data.image_size)
     test_split = open_split(Path(config.data.root), config.data.test_split, image_size=config.data.image_size)
+    for split in (train_split, test_split):
+        if split.meta.get("labelled") is False:
+            raise ConfigError(f"split {split.split!r} of {config.data.root} has no real labels, so probes cannot be "
+                              f"trained or tested on it; evaluate with data.train_split=<a labelled split> "
+                              f"(e.g. onepoch eval RUN data.train_split=train)")
     if config.data.limit is not None and config.data.limit < train_split.num_images:
         train_split = train_split.subset(config.data.limit)
     if config.data.test_limit is not None and config.data.test_limit < test_split.num_images:

@@ -427,11 +427,13 @@ def _encoded_steps_with_views(steps, specs: list, seed: int, per_call: int, chan
     from concurrent.futures import ThreadPoolExecutor
 
     from onepoch.data.encoded import default_threads
-    from onepoch.encoded_views import finish_encoded_views, start_encoded_views
+    from onepoch.encoded_views import device_jpeg_decoder, finish_encoded_views, start_encoded_views
+
+    device_decode = device_jpeg_decoder(device)  # nvJPEG on CUDA where torchvision offers it
 
     def start(chunk):
         return chunk, start_encoded_views([b.images for _, b in chunk], specs, seed, chunk[0][0], pool,
-                                          rank=world.rank, world_size=world.size)
+                                          rank=world.rank, world_size=world.size, device_decode=device_decode)
 
     def finish(started):
         chunk, pending = started
@@ -539,6 +541,9 @@ def _build(config: RunConfig, world) -> _Run:
     # verify: re-hash the arrays against meta.json (a damaged dataset stops here, not mid-run)
     split = open_split(Path(config.data.root), config.data.train_split, verify=True,
                        image_size=config.data.image_size)
+    if tc.online_probe and split.meta.get("labelled", True) is False:
+        raise ConfigError(f"the {config.data.train_split} split of {config.data.root} has no labels (its meta.json "
+                          "says \"labelled\": false), so the online probe cannot learn: set train.online_probe=false")
     if config.data.limit is not None and config.data.limit < split.num_images:
         split = split.subset(config.data.limit)
     per_rank = _check_batch(config, split, world)

@@ -131,6 +131,13 @@ PRESETS: dict[str, ViewSpec] = {
         jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2,
         grayscale_p=0.2, blur_p=0.1, blur_sigma=(0.1, 2.0), solarize_p=0.1,
     ),
+    # EMP-SSL's ImageNet patches (its code's dataset/aug4img.py): RandomResizedCrop(224, scale 0.25,
+    # ratio 3/4..4/3, bicubic) and the same colour recipe; set `size` smaller for CPU-sized runs.
+    "emp_ssl_imagenet": ViewSpec(
+        count=20, size=224, crop_scale=(0.25, 0.25), crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic",
+        flip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2,
+        grayscale_p=0.2, blur_p=0.1, blur_sigma=(0.1, 2.0), solarize_p=0.1,
+    ),
     # The same recipe sized for 28x28 grayscale Fashion-MNIST: 0.25-area (14x14) crops -> 16x16.
     # Saturation, hue and grayscale do nothing on one channel, so they are off.
     "emp_ssl_fashion_mnist": ViewSpec(
@@ -581,10 +588,15 @@ def _resize_views_(x: torch.Tensor, src: torch.Tensor, plan: _Plan, hs: np.ndarr
     """x[k] <- the crop of view ``rows[k]`` from uint8 ``src`` (2B, C, H, W), resized to x's size with
     antialiasing (uint8 result, as Pillow's resize gives: within 1-3 levels of it on photographs)."""
     size = x.shape[-1]
-    for k, j in enumerate(rows):
-        t, left = int(plan.tops[j]), int(plan.lefts[j])
-        crop = src[int(plan.source[j]):int(plan.source[j]) + 1, :, t:t + int(hs[j]), left:left + int(ws[j])]
-        x[k].copy_(torch.nn.functional.interpolate(crop, size=(size, size), mode=mode, antialias=True)[0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # each call is a fraction of a millisecond: threads would only synchronise
+    try:
+        for k, j in enumerate(rows):
+            t, left = int(plan.tops[j]), int(plan.lefts[j])
+            crop = src[int(plan.source[j]):int(plan.source[j]) + 1, :, t:t + int(hs[j]), left:left + int(ws[j])]
+            x[k].copy_(torch.nn.functional.interpolate(crop, size=(size, size), mode=mode, antialias=True)[0])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _rows_in(host_rows: torch.Tensor, start: int, end: int) -> slice:

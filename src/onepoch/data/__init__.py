@@ -1,4 +1,11 @@
-"""Datasets: sources (IDX, CIFAR, image folders, npz) -> prepared datasets on disk -> device loader."""
+"""Datasets: sources -> prepared datasets on disk -> device loader.
+
+Sources (:mod:`onepoch.data.sources`): IDX (``fashion-mnist``, ``mnist``), ``cifar10`` / ``cifar100``,
+``tiny-imagenet`` (64x64), ``stl10`` (96x96, with the unlabelled ``train+unlabeled`` split), image
+``folder`` and ``npz`` are stored as raw uint8 arrays; ``imagenette`` (and ``-320`` / ``-160``),
+``imagenet``, ``imagenet100``, and ``folder`` / ``npz`` with ``layout="jpeg"`` are kept as JPEG at rest
+(:mod:`onepoch.data.encoded`: decoded at the scale each training step needs).
+"""
 
 from onepoch.data.loader import Batch, BatchLoader
 from onepoch.data.prepared import (

@@ -56,6 +56,9 @@ class SourceData:
     request: dict[str, Any] = field(default_factory=dict)
     max_side: int | None = None  # encoded splits: longer side cap (larger images are encoded again)
     quality: int = 95  # encoded splits: JPEG quality of the images encoded again
+    # splits whose labels mean nothing (e.g. STL-10's train+unlabeled, all 0): their meta.json says
+    # "labelled": false, and training on one refuses the online probe
+    unlabeled_splits: tuple[str, ...] = ()
 
 
 def check_split(split: str, images: np.ndarray, labels: np.ndarray, num_classes: int) -> SplitArrays:
@@ -213,6 +216,7 @@ def write_prepared(data: SourceData, out: str | os.PathLike, *, force: bool = Fa
 def _common_meta(data: SourceData, split: str, created: str) -> dict[str, Any]:
     return {"format": FORMAT, "version": FORMAT_VERSION, "dataset": data.name, "split": split,
             "num_classes": len(data.class_names), "class_names": list(data.class_names), "source": data.source,
+            **({"labelled": False} if split in data.unlabeled_splits else {}),
             "created": created, "onepoch_version": __version__}
 
 

@@ -538,7 +538,8 @@ def _locate_native(name: str, source: str | os.PathLike | None, download: bool, 
             splits, class_names, _ = tiny_imagenet.read_tiny_imagenet(location, subset)
         else:
             splits, class_names = stl10.read_stl10(location)
-        return SourceData(name, _checked(str(location), splits, class_names), class_names, str(location), request)
+        return SourceData(name, _checked(str(location), splits, class_names), class_names, str(location), request,
+                          unlabeled_splits=stl10.UNLABELED_SPLITS if name == "stl10" else ())
 
     return SourcePlan(name, request, read)
 

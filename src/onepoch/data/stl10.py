@@ -11,8 +11,9 @@ Splits written (raw uint8 96x96x3):
 - ``train`` (5,000) and ``test`` (8,000), with their labels (0..9);
 - ``train+unlabeled`` (105,000): the train images followed by the unlabeled ones, STL-10's usual
   pre-training set (torchvision's ``split="train+unlabeled"``). A prepared split must have a label in
-  [0, 9] for every image, so all of them are 0 here: these labels mean nothing. Pre-train on it with
-  ``data.train_split=train+unlabeled train.online_probe=false`` and evaluate with
+  [0, 9] for every image, so all of them are 0 here: these labels mean nothing, and its meta.json says
+  ``"labelled": false`` (:data:`UNLABELED_SPLITS`; training on it with the online probe on is refused).
+  Pre-train on it with ``data.train_split=train+unlabeled train.online_probe=false`` and evaluate with
   ``data.train_split=train`` (the probes need real labels).
 
 The whole ``train+unlabeled`` split is built in memory (about 2.9 GB) before it is written.
@@ -40,6 +41,7 @@ FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.
 CLASS_NAMES_FILE = "class_names.txt"
 CLASS_NAMES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 UNLABELED_SPLIT = "train+unlabeled"
+UNLABELED_SPLITS = (UNLABELED_SPLIT,)  # SourceData.unlabeled_splits: written as "labelled": false
 _CHUNK_IMAGES = 1024
 
 
