@@ -23,6 +23,7 @@ from onepoch.data.prepared import open_split, read_dataset_info
 from onepoch.data.sources import SOURCE_NAMES, load_source
 from onepoch.data.stl10 import IMAGE_BYTES
 from onepoch.errors import DataError
+from test_cli import assert_one_line_error, run_cli
 
 WNIDS = ["n01440764", "n02102040", "n02979186", "n03888257"]  # four Imagenette classes
 KINDS = ("jpeg", "png", "gray", "cmyk", "palette")
@@ -97,19 +98,6 @@ def tgz(folder: Path, archive: Path) -> Path:
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname=folder.name)
     return archive
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, pattern):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("onepoch: error: "), err
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 def assert_nothing_written(out: Path):

@@ -61,6 +61,15 @@ SORT_VAL_HELP = ("sort the validation images into val/<wnid>/ folders (e.g. with
 # --- class lists -----------------------------------------------------------------------------------
 
 
+
+def requested_classes(classes, available, problem: str) -> list[str]:
+    """The sorted ``classes`` asked for with ``--classes``, all of which must be in ``available``; else a
+    DataError ``"<problem> N of the requested class(es): ..."``."""
+    missing = sorted(set(classes) - set(available))
+    if missing:
+        raise DataError(f"{problem} {len(missing)} of the requested class(es): {', '.join(missing[:5])}")
+    return sorted(classes)
+
 def read_class_list(path: str | os.PathLike) -> list[str]:
     """The class folder names (wnids) listed in a text file: one per line; blank lines and lines
     starting with '#' are ignored. Sorted (labels follow this order)."""
@@ -233,11 +242,7 @@ def list_imagenette_archive(archive: Path, classes: Sequence[str] | None = None
             raise DataError(f"{archive}: no {split}/<wnid>/<image> members (not an Imagenette archive?)")
     wnids = sorted(found["train"])
     if classes is not None:
-        missing = sorted(set(classes) - set(wnids))
-        if missing:
-            raise DataError(f"{archive}: no class folder for {len(missing)} of the requested class(es): "
-                            f"{', '.join(missing[:5])}")
-        wnids = sorted(classes)
+        wnids = requested_classes(classes, wnids, f"{archive}: no class folder for")
     elif sorted(found["val"]) != wnids:
         raise DataError(f"{archive}: val/ has other class folders than train/")
     if len(wnids) < 2:

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from onepoch.data.folder import IMAGE_EXTENSIONS
+from onepoch.data.imagenet import requested_classes
 from onepoch.data.prepared import SplitArrays
 from onepoch.errors import DataError, one_line
 from onepoch.progress import progress
@@ -182,11 +183,7 @@ def read_tiny_imagenet(path: Path, classes: Sequence[str] | None = None
         all_wnids = _wnids(files)
         wnids = all_wnids
         if classes is not None:
-            missing = sorted(set(classes) - set(all_wnids))
-            if missing:
-                raise DataError(f"{files.where('wnids.txt')}: does not list {len(missing)} of the requested "
-                                f"class(es): {', '.join(missing[:5])}")
-            wnids = sorted(classes)
+            wnids = requested_classes(classes, all_wnids, f"{files.where('wnids.txt')}: does not list")
         label_of = {w: i for i, w in enumerate(wnids)}
         train_names, train_labels = [], []
         per_class: dict[str, list[str]] = {w: [] for w in all_wnids}
