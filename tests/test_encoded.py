@@ -317,3 +317,28 @@ def test_a_device_decoder_gets_the_bytes_and_gives_the_full_scale_views(tmp_path
     for g, spec in enumerate(SPECS):
         params = sample_view_params(spec, 5, sizes[:, 0], sizes[:, 1], seeded_generator(7, 2, g))
         assert torch.equal(views[g], apply_view_params(canvas, params, spec).unflatten(0, (spec.count, 5)))
+
+
+def test_training_on_jpeg_at_rest_resumes_exactly(tmp_path):
+    """Decoding in a thread pool one call ahead does not break exact resume: 3 steps, stop, resume to 6
+    gives the weights of 6 steps in one go (and of a run with another number of decode threads)."""
+    from onepoch.checkpoints import checkpoint_paths, load_checkpoint
+    from onepoch.runconfig import load_config
+    from onepoch.train import train
+
+    root = prepare(tmp_path / "ds", jpeg_records(24, 0, 40, 90), jpeg_records(6, 1))
+    common = ["model.arch=resnet10", "model.width=0.0625", "method.pre_feature=32", "method.projector=32-16",
+              "views.count=3", "views.size=16", "data.batch_size=4", "train.threads=1", "train.checkpoint_every=3",
+              "train.online_probe=false", f"data.root={root}", f"train.out={tmp_path / 'runs'}", "train.max_steps=6"]
+
+    def weights(name):
+        return load_checkpoint(checkpoint_paths(tmp_path / "runs" / name)[-1])["model"]
+
+    train(load_config("emp_ssl/imagenet100_1epoch", [*common, "name=whole", "data.decode_threads=1"]),
+          progress_bar=False)
+    train(load_config("emp_ssl/imagenet100_1epoch", [*common, "name=parts", "train.max_steps=3",
+                                                     "data.decode_threads=3"]), progress_bar=False)
+    train(load_config("emp_ssl/imagenet100_1epoch", [*common, "name=parts", "data.decode_threads=3"]),
+          resume=True, progress_bar=False)
+    whole, parts = weights("whole"), weights("parts")
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
