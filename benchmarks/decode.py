@@ -156,7 +156,7 @@ def time_onepoch(images, batches: list[np.ndarray], spec: ViewSpec, threads: int
         start = time.perf_counter()
         for step, index in enumerate(batches):
             pending = start_encoded_views([EncodedBatch(images, index, index)], [spec], 0, step, pool,
-                                          device_decode=device_decode)
+                                          device_decode=device_decode, resize_in_pool=device.type == "cpu")
             finish_encoded_views(pending, [spec], device)
         sync()
         return time.perf_counter() - start

@@ -197,12 +197,13 @@ SPECS = [ViewSpec(count=3, size=16, crop_scale=(0.08, 1.0)), ViewSpec(count=2, s
                                                                       blur_p=0.5, solarize_p=0.5)]
 
 
-def step_views(images, index, threads, first_step=0, world_size=1, rank=0, global_index=None):
+def step_views(images, index, threads, first_step=0, world_size=1, rank=0, global_index=None, in_pool=False):
     from concurrent.futures import ThreadPoolExecutor
 
     batch = EncodedBatch(images, np.asarray(index), np.asarray(index if global_index is None else global_index))
     with ThreadPoolExecutor(threads) as pool:
-        pending = start_encoded_views([batch], SPECS, 7, first_step, pool, rank=rank, world_size=world_size)
+        pending = start_encoded_views([batch], SPECS, 7, first_step, pool, rank=rank, world_size=world_size,
+                                      resize_in_pool=in_pool)
         return finish_encoded_views(pending, SPECS, torch.device("cpu"))[0]
 
 
@@ -213,6 +214,13 @@ def test_views_do_not_depend_on_the_number_of_decode_threads(tmp_path):
     four = step_views(images, range(10), threads=4)
     assert [v.shape for v in one] == [(3, 10, 3, 16, 16), (2, 10, 3, 24, 24)]
     assert all(torch.equal(a, b) for a, b in zip(one, four))
+    # cut and resized in the pool (the CPU training path): the same for any number of threads, and the
+    # same views as rendering them after the decodes up to uint8 rounding (the pool always resizes one
+    # view at a time in uint8; after the decodes, crops up to 64 pixels go through the float matrices)
+    pool_one = step_views(images, range(10), threads=1, in_pool=True)
+    pool_four = step_views(images, range(10), threads=4, in_pool=True)
+    assert all(torch.equal(a, b) for a, b in zip(pool_one, pool_four))
+    assert all((a - b).abs().max() < 0.05 and (a - b).abs().mean() < 0.005 for a, b in zip(pool_one, one))
 
 
 def test_at_full_scale_the_views_are_the_batched_views_of_the_decoded_images(tmp_path):

@@ -74,6 +74,7 @@ class PendingViews:
     decodes: list[Future]  # host decodes, one per image (empty when the device decodes)
     encoded: list[torch.Tensor] | None = None  # the images' bytes for a device decoder
     device_decode: Callable | None = None
+    resized: bool = False  # the decodes also cut and resized every view (CPU: see start_encoded_views)
 
 
 DeviceDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
@@ -97,10 +98,12 @@ def device_jpeg_decoder(device: torch.device) -> DeviceDecoder | None:
 
 def start_encoded_views(batches: list[EncodedBatch], specs: list, seed: int, first_step: int,
                         pool: ThreadPoolExecutor, *, rank: int = 0, world_size: int = 1,
-                        device_decode: DeviceDecoder | None = None) -> PendingViews:
+                        device_decode: DeviceDecoder | None = None, resize_in_pool: bool = False) -> PendingViews:
     """Draw the views of consecutive steps and start decoding their images in ``pool`` (step 1-2 of
     the module docstring), or leave them to ``device_decode`` (full scale, in
-    :func:`finish_encoded_views`, which renders them)."""
+    :func:`finish_encoded_views`, which renders them). ``resize_in_pool`` (for views rendered on the
+    CPU): each pool task also cuts and resizes its image's views (:func:`onepoch.views.resize_view`), so
+    that all the per-image work runs in the pool, off the training thread."""
     params: list[list[ViewParams]] = []
     counts = [len(b.index) for b in batches]
     reduce = []  # per step: each image's decode reduction, the smallest over its groups' crops
@@ -124,10 +127,41 @@ def start_encoded_views(batches: list[EncodedBatch], specs: list, seed: int, fir
                    for b in batches for i in b.index]
         return PendingViews(params, counts, full_sizes, [], encoded, device_decode)
     decodes = []
-    for batch, r in zip(batches, reduce):
-        for i, factor in zip(batch.index, r):
-            decodes.append(pool.submit(decode_image, batch.images.encoded(int(i)), int(factor), f"image {int(i)}"))
-    return PendingViews(params, counts, full_sizes, decodes)
+    if not resize_in_pool:
+        for batch, r in zip(batches, reduce):
+            for i, factor in zip(batch.index, r):
+                decodes.append(pool.submit(decode_image, batch.images.encoded(int(i)), int(factor), f"image {int(i)}"))
+        return PendingViews(params, counts, full_sizes, decodes)
+    # Each image's views in every group: their rows in the group's stacked views (steps in order).
+    group_offsets = [np.cumsum([0] + [spec.count * n for n in counts[:-1]]) for spec in specs]
+    image = 0
+    for k, (batch, r) in enumerate(zip(batches, reduce)):
+        for local, (i, factor) in enumerate(zip(batch.index, r)):
+            views = []
+            for g, spec in enumerate(specs):
+                p = params[k][g]
+                rows = np.flatnonzero(p.image_index.numpy() == local)
+                views.append((rows + group_offsets[g][k], p.crop.numpy()[rows], p.flip.numpy()[rows], spec))
+            decodes.append(pool.submit(_decode_and_resize, batch.images.encoded(int(i)), int(factor),
+                                       f"image {int(i)}", full_sizes[image], views))
+            image += 1
+    return PendingViews(params, counts, full_sizes, decodes, resized=True)
+
+
+def _decode_and_resize(data: Any, reduce: int, name: str, full_size: np.ndarray, views: list
+                       ) -> list[tuple[np.ndarray, torch.Tensor]]:
+    """Decode one image at 1/``reduce`` and cut each of its views: per group, (rows, uint8 (k, C, s, s))."""
+    from onepoch.views import resize_view
+
+    decoded = decode_image(data, reduce, name)
+    source = torch.from_numpy(np.array(decoded)).permute(2, 0, 1)[None]
+    sizes = np.array(decoded.shape[:2])[None]
+    out = []
+    for rows, crops, flips, spec in views:
+        moved = scale_crops(crops, np.broadcast_to(full_size, (len(rows), 2)), np.broadcast_to(sizes, (len(rows), 2)))
+        out.append((rows, torch.cat([resize_view(source, c, bool(f), spec.size, spec.interpolation)
+                                     for c, f in zip(moved, flips)])))
+    return out
 
 
 def _device_canvas(pending: PendingViews, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
@@ -145,6 +179,8 @@ def finish_encoded_views(pending: PendingViews, specs: list, device: torch.devic
                          channels_last: bool = False) -> list[list[torch.Tensor]]:
     """Wait for the decodes and render every view (step 3 of the module docstring): per step, a list
     of (count, b, C, size, size) per group (float32, outside autocast)."""
+    if pending.resized:
+        return _finish_resized(pending, specs, device, channels_last)
     if pending.device_decode is not None:
         canvas, decoded_sizes = _device_canvas(pending, device)
     else:
@@ -166,6 +202,29 @@ def finish_encoded_views(pending: PendingViews, specs: list, device: torch.devic
         stacked = ViewParams(**{name: torch.cat([getattr(m, name) for m in moved])
                                 for name in ViewParams.__dataclass_fields__})
         views = apply_view_params(canvas, stacked, spec, channels_last=channels_last)
+        for k, part in enumerate(views.split([spec.count * n for n in pending.counts])):
+            per_step[k].append(part.unflatten(0, (spec.count, pending.counts[k])))
+    return per_step
+
+
+def _finish_resized(pending: PendingViews, specs: list, device: torch.device, channels_last: bool
+                    ) -> list[list[torch.Tensor]]:
+    """finish_encoded_views when the pool already cut and resized every view."""
+    done = [f.result() for f in pending.decodes]
+    offsets = np.cumsum([0] + pending.counts[:-1])
+    per_step: list[list[torch.Tensor]] = [[] for _ in pending.counts]
+    for g, spec in enumerate(specs):
+        total = sum(spec.count * n for n in pending.counts)
+        channels = done[0][g][1].shape[1]
+        resized = torch.empty(total, channels, spec.size, spec.size, dtype=torch.uint8)
+        for per_group in done:
+            rows, views = per_group[g]
+            resized[torch.from_numpy(rows)] = views
+        stacked = ViewParams(**{name: torch.cat([getattr(pending.params[k][g], name) for k in range(len(offsets))])
+                                for name in ViewParams.__dataclass_fields__})
+        resized = resized.to(device)
+        views = apply_view_params(resized.permute(0, 2, 3, 1), stacked, spec, channels_last=channels_last,
+                                  resized=resized)
         for k, part in enumerate(views.split([spec.count * n for n in pending.counts])):
             per_step[k].append(part.unflatten(0, (spec.count, pending.counts[k])))
     return per_step

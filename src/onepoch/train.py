@@ -433,7 +433,8 @@ def _encoded_steps_with_views(steps, specs: list, seed: int, per_call: int, chan
 
     def start(chunk):
         return chunk, start_encoded_views([b.images for _, b in chunk], specs, seed, chunk[0][0], pool,
-                                          rank=world.rank, world_size=world.size, device_decode=device_decode)
+                                          rank=world.rank, world_size=world.size, device_decode=device_decode,
+                                          resize_in_pool=device.type == "cpu")
 
     def finish(started):
         chunk, pending = started

@@ -583,18 +583,27 @@ def _make_plan(p: ViewParams, spec: ViewSpec, batch_size: int, width: int, scale
 PER_VIEW_RESIZE_ABOVE = 64
 
 
-def _resize_views_(x: torch.Tensor, src: torch.Tensor, plan: _Plan, hs: np.ndarray, ws: np.ndarray,
-                   rows: range, mode: str) -> None:
-    """x[k] <- the crop of view ``rows[k]`` from uint8 ``src`` (2B, C, H, W), resized to x's size with
-    antialiasing (uint8 result, as Pillow's resize gives: within 1-3 levels of it on photographs)."""
-    size = x.shape[-1]
+def resize_view(image: torch.Tensor, crop: Any, flip: bool, size: int, mode: str) -> torch.Tensor:
+    """One view's crop ``(top, left, height, width)`` of a uint8 image (1, C, H, W), resized to
+    ``size x size`` with antialiasing (uint8, as Pillow's resize gives: within 1-3 levels of it on
+    photographs) and mirrored after resizing when ``flip`` (the same as resizing the mirrored crop)."""
+    t, left, h, w = (int(v) for v in crop)
+    view = torch.nn.functional.interpolate(image[:, :, t:t + h, left:left + w], size=(size, size), mode=mode,
+                                           antialias=True)
+    return view.flip(-1) if flip else view
+
+
+def _resize_views(src: torch.Tensor, host: ViewParams, rows: range, size: int, mode: str) -> torch.Tensor:
+    """The views ``rows`` cropped from uint8 ``src`` (B, C, H, W) and resized to ``size`` one at a time with
+    antialiasing (a uint8 result, as Pillow's resize gives: within 1-3 levels of it on photographs), the
+    flipped ones mirrored after resizing (the same as resizing the mirrored crop); returns (m, C, size, size)
+    uint8."""
+    crop, image, flip = host.crop.numpy(), host.image_index.numpy(), host.flip.numpy()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # each call is a fraction of a millisecond: threads would only synchronise
     try:
-        for k, j in enumerate(rows):
-            t, left = int(plan.tops[j]), int(plan.lefts[j])
-            crop = src[int(plan.source[j]):int(plan.source[j]) + 1, :, t:t + int(hs[j]), left:left + int(ws[j])]
-            x[k].copy_(torch.nn.functional.interpolate(crop, size=(size, size), mode=mode, antialias=True)[0])
+        return torch.cat([resize_view(src[image[j]:image[j] + 1], crop[j], bool(flip[j]), size, mode)
+                          for j in rows])
     finally:
         torch.set_num_threads(threads)
 
@@ -616,19 +625,23 @@ def _default_chunk(device: torch.device, crop_bytes: int) -> int:
 
 def apply_view_params(images: torch.Tensor, params: ViewParams, spec: ViewSpec, *,
                       dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                      chunk: int | None = None) -> torch.Tensor:
+                      chunk: int | None = None, resized: torch.Tensor | None = None) -> torch.Tensor:
     """Render the views described by ``params`` from ``images`` (uint8 (B, H, W, C), or float in
-    [0, 1]); returns ``(N, C, size, size)`` of ``dtype`` on the images' device.
+    [0, 1]); returns ``(N, C, size, size)`` of ``dtype`` on the images' device. ``resized``: the views'
+    crops already cut and resized (uint8 (N, C, size, size), e.g. by :func:`resize_view` in decoding
+    threads, flips applied); then ``images`` only gives the channels and device, and the rest of the
+    recipe (colour, blur, solarize, normalisation) is applied to them.
 
     Precision policy: views are computed in float32 with autocast off, whatever the caller's
     autocast state (bf16 matrix products would blur and resize in bf16); ``dtype`` only sets the
     stored result."""
     with torch.autocast(device_type=images.device.type, enabled=False):
-        return _render(images, params, spec, dtype=dtype, channels_last=channels_last, chunk=chunk)
+        return _render(images, params, spec, dtype=dtype, channels_last=channels_last, chunk=chunk,
+                       resized=resized)
 
 
 def _render(images: torch.Tensor, params: ViewParams, spec: ViewSpec, *, dtype: torch.dtype,
-            channels_last: bool, chunk: int | None) -> torch.Tensor:
+            channels_last: bool, chunk: int | None, resized: torch.Tensor | None = None) -> torch.Tensor:
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"images must be (B, H, W, C) with C in (1, 3), got {tuple(images.shape)}")
     device = images.device
@@ -639,19 +652,22 @@ def _render(images: torch.Tensor, params: ViewParams, spec: ViewSpec, *, dtype: 
     host = params.to("cpu")
     scale = 1 / 255 if images.dtype == torch.uint8 else 1.0
     hs, ws = host.crop[:, 2].numpy(), host.crop[:, 3].numpy()
-    per_view = (device.type == "cpu" and images.dtype == torch.uint8 and hs.size > 0
-                and max(int(hs.max()), int(ws.max())) > PER_VIEW_RESIZE_ABOVE)
+    per_view = resized is not None or (device.type == "cpu" and images.dtype == torch.uint8 and hs.size > 0
+                                       and max(int(hs.max()), int(ws.max())) > PER_VIEW_RESIZE_ABOVE)
     host_plan = _make_plan(host, spec, bsz, width, scale, matrices=not per_view)
     plan = host_plan.to(device)
     n = host.crop.shape[0]
-    kh, kw = (int(hs.max()), int(ws.max())) if per_view else (plan.wy.shape[-1], plan.wx.shape[-2])
+    # (resized one at a time, a view never holds more than its output in float)
+    kh, kw = (size, size) if per_view else (plan.wy.shape[-1], plan.wx.shape[-2])
     radius = max(1, math.ceil(3 * spec.blur_sigma[1]))  # the same truncation for every view
     blur_matrices = _gaussian_blur_matrices(plan.blur_sigma, size, radius)
 
-    # The mirrored images are stacked after the originals. Dense resampling reads Kh x Kw windows (the
-    # longest crop) through a strided view of the zero-padded sources.
-    src = torch.cat([images, images.flip(2)]).permute(0, 3, 1, 2)
-    if not per_view:
+    # Dense resampling reads Kh x Kw windows (the longest crop) through a strided view of the zero-padded
+    # sources, the mirrored images stacked after the originals.
+    if per_view:
+        src = images.permute(0, 3, 1, 2)
+    else:
+        src = torch.cat([images, images.flip(2)]).permute(0, 3, 1, 2)
         src = torch.nn.functional.pad(src.to(torch.float32, memory_format=torch.contiguous_format),
                                       (0, kw - 1, 0, kh - 1))
         windows = src.unfold(2, kh, 1).unfold(3, kw, 1).permute(0, 2, 3, 1, 4, 5)  # (2B, H, W, C, Kh, Kw)
@@ -672,7 +688,8 @@ def _render(images: torch.Tensor, params: ViewParams, spec: ViewSpec, *, dtype: 
         m = e - s
         x = out[s:e] if dtype == torch.float32 else scratch.get("x", m, channels, size, size)
         if per_view:
-            _resize_views_(x, src, host_plan, hs, ws, range(s, e), spec.interpolation)
+            x.copy_(resized[s:e] if resized is not None else
+                    _resize_views(src, host, range(s, e), size, spec.interpolation))
             x.mul_(plan.gain[s:e].view(-1, 1, 1, 1))  # brightness and the uint8 scale
         else:
             crops = windows[plan.source[s:e], plan.tops[s:e], plan.lefts[s:e]]  # (m, C, Kh, Kw)
