@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from onepoch.cli import main
@@ -170,3 +171,28 @@ def test_evaluating_on_an_unlabeled_split_is_refused(tmp_path, datasets):
     train_split, _ = open_eval_splits(load_config("emp_ssl/stl10_1epoch", [f"data.root={datasets['stl10']}",
                                                                           "data.train_split=train"]))
     assert train_split.split == "train"
+
+
+def test_run_report_view_tiles_of_jpeg_at_rest_are_the_training_views(datasets):
+    """`onepoch report` / TensorBoard view tiles of an encoded split: the views cut from the stored
+    photographs as training cuts them (the same pixels as onepoch.encoded_views), not from the
+    evaluation-size images."""
+    from onepoch.encoded_views import first_images_views
+    from onepoch.report import run_view_tiles
+    from onepoch.train import view_specs_for
+    from onepoch.views import load_view_spec
+
+    config = load_config("byol/imagenet100", [f"data.root={datasets['imagenet100']}", "views.size=32"])
+    split = open_split(datasets["imagenet100"], "train", image_size=32)
+    tiles, titles = run_view_tiles(config, split, images=3, views_per_group=2)
+    assert titles == ["image", "group 1\nview 1", "group 2\nview 1"]          # BYOL: one view per group
+    specs = [load_view_spec(s, {"count": 1, "mean": None, "std": None})
+             for s in view_specs_for(config, split.mean, split.std)]
+    expected = first_images_views(split.images, 3, specs, config.seed)
+    for g in range(2):
+        assert np.allclose(tiles[:, 1 + g], expected[g][0].permute(0, 2, 3, 1).clamp(0, 1).numpy(), atol=1e-6)
+    # not cut from the 32x32 evaluation images (those views would match these only by chance)
+    from onepoch.views import make_views
+
+    from_eval = make_views(torch.from_numpy(np.array(split.images[:3])), specs[0], torch.Generator().manual_seed(0))
+    assert not np.allclose(tiles[:, 1], from_eval.permute(0, 2, 3, 1).clamp(0, 1).numpy(), atol=1e-2)

@@ -104,14 +104,9 @@ def cmd_views(args: argparse.Namespace) -> int:
     originals = np.array(split.images[:n])  # an encoded split: the evaluation view (resized, centre crop)
     if split.encoded:
         # the training path: each image decoded once, at the scale its crops need, all views cut from it
-        from concurrent.futures import ThreadPoolExecutor
+        from onepoch.encoded_views import first_images_views
 
-        from onepoch.encoded_views import EncodedBatch, finish_encoded_views, start_encoded_views
-
-        index = np.arange(n)
-        with ThreadPoolExecutor(split.images.threads) as pool:
-            pending = start_encoded_views([EncodedBatch(split.images, index, index)], specs, args.seed, 0, pool)
-            groups = finish_encoded_views(pending, specs, torch.device("cpu"))[0]
+        groups = first_images_views(split.images, n, specs, args.seed)
     else:
         images = torch.from_numpy(originals)
         generator = torch.Generator().manual_seed(args.seed)

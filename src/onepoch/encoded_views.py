@@ -228,3 +228,13 @@ def _finish_resized(pending: PendingViews, specs: list, device: torch.device, ch
         for k, part in enumerate(views.split([spec.count * n for n in pending.counts])):
             per_step[k].append(part.unflatten(0, (spec.count, pending.counts[k])))
     return per_step
+
+
+def first_images_views(images: EncodedImages, n: int, specs: list, seed: int) -> list[torch.Tensor]:
+    """The training views of the first ``n`` images (as step 0 of a run seeded ``seed`` would draw them
+    for a batch of these images), rendered on the CPU: per group, (count, n, C, size, size). For
+    pictures (``onepoch views``, run reports)."""
+    index = np.arange(n)
+    with ThreadPoolExecutor(images.threads) as pool:
+        pending = start_encoded_views([EncodedBatch(images, index, index)], specs, seed, 0, pool)
+        return finish_encoded_views(pending, specs, torch.device("cpu"))[0]

@@ -121,7 +121,8 @@ def save_views_figure(path: Path, tiles: np.ndarray, *, col_titles: list[str] | 
 def run_view_tiles(config, split, images: int = 6, views_per_group: int = 4) -> tuple[np.ndarray, list[str]]:
     """The first ``images`` images of ``split`` and up to ``views_per_group`` views of each of the
     run's view groups (its own generator seeded with ``config.seed``: the training randomness is left
-    alone), as :func:`view_tiles`, with column titles."""
+    alone), as :func:`view_tiles`, with column titles. For a JPEG-at-rest split the views are cut as
+    training cuts them (from the stored photographs); the image column is the evaluation view."""
     from onepoch.train import view_specs_for
     from onepoch.views import load_view_spec, make_views
 
@@ -130,11 +131,17 @@ def run_view_tiles(config, split, images: int = 6, views_per_group: int = 4) -> 
     generator = torch.Generator().manual_seed(config.seed)
     specs = view_specs_for(config, split.mean, split.std)
     groups, titles = [], ["image"]
+    specs = [load_view_spec(spec, {"count": min(spec.count, views_per_group), "mean": None, "std": None})
+             for spec in specs]
     for g, spec in enumerate(specs):
-        spec = load_view_spec(spec, {"count": min(spec.count, views_per_group), "mean": None, "std": None})
-        groups.append(make_views(originals, spec, generator).view(spec.count, n, originals.shape[-1], spec.size,
-                                                                  spec.size))
+        if not split.encoded:
+            groups.append(make_views(originals, spec, generator).view(spec.count, n, originals.shape[-1], spec.size,
+                                                                      spec.size))
         titles += [f"group {g + 1}\nview {i + 1}" if len(specs) > 1 else f"view {i + 1}" for i in range(spec.count)]
+    if split.encoded:
+        from onepoch.encoded_views import first_images_views
+
+        groups = first_images_views(split.images, n, specs, config.seed)
     return view_tiles(originals, groups), titles
 
 
