@@ -132,7 +132,8 @@ def start_encoded_views(batches: list[EncodedBatch], specs: list, seed: int, fir
             for i, factor in zip(batch.index, r):
                 decodes.append(pool.submit(decode_image, batch.images.encoded(int(i)), int(factor), f"image {int(i)}"))
         return PendingViews(params, counts, full_sizes, decodes)
-    # Each image's views in every group: their rows in the group's stacked views (steps in order).
+    # Each image's views in every group (patch-major: view v of image b is row v*n + b of its step), and
+    # their rows in the group's views stacked over the steps.
     group_offsets = [np.cumsum([0] + [spec.count * n for n in counts[:-1]]) for spec in specs]
     image = 0
     for k, (batch, r) in enumerate(zip(batches, reduce)):
@@ -140,7 +141,7 @@ def start_encoded_views(batches: list[EncodedBatch], specs: list, seed: int, fir
             views = []
             for g, spec in enumerate(specs):
                 p = params[k][g]
-                rows = np.flatnonzero(p.image_index.numpy() == local)
+                rows = np.arange(spec.count) * counts[k] + local
                 views.append((rows + group_offsets[g][k], p.crop.numpy()[rows], p.flip.numpy()[rows], spec))
             decodes.append(pool.submit(_decode_and_resize, batch.images.encoded(int(i)), int(factor),
                                        f"image {int(i)}", full_sizes[image], views))

@@ -211,8 +211,7 @@ class EncodedImages:
         """(n, 2) height, width of images ``index`` as stored."""
         return self.sizes[self.stored_row(np.asarray(index, np.int64))]
 
-    def decode(self, index: Iterable[int], reduce: Iterable[int] | int = 1,
-               pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
+    def decode(self, index: Iterable[int], reduce: Iterable[int] | int = 1) -> list[np.ndarray]:
         """Images ``index`` decoded at 1/``reduce`` scale (per image or one for all), in order, in a
         thread pool (the result does not depend on the number of threads)."""
         index = [int(i) for i in index]
@@ -221,7 +220,10 @@ class EncodedImages:
         def one(k: int) -> np.ndarray:
             return decode_image(self.encoded(index[k]), reduce[k], name=f"image {index[k]}")
 
-        return list(_map(one, range(len(index)), self.threads, pool))
+        if self.threads <= 1:
+            return [one(k) for k in range(len(index))]
+        with ThreadPoolExecutor(self.threads) as pool:
+            return list(pool.map(one, range(len(index))))
 
     def __getitem__(self, key: Any) -> np.ndarray:
         index = np.arange(len(self))[key]
@@ -242,20 +244,6 @@ class EncodedImages:
     def subset(self, count: int) -> "EncodedImages":
         rows = np.arange(len(self))[:count] if self.rows is None else self.rows[:count]
         return EncodedImages(self.data, self.offsets, self.sizes, self.size, self.threads, rows)
-
-    def at_size(self, size: int) -> "EncodedImages":
-        """The same images, evaluated at another resolution."""
-        return EncodedImages(self.data, self.offsets, self.sizes, size, self.threads, self.rows)
-
-
-def _map(fn: Callable[[int], Any], items: Iterable[int], threads: int, pool: ThreadPoolExecutor | None
-         ) -> Iterator[Any]:
-    if pool is not None:
-        return pool.map(fn, items)
-    if threads <= 1:
-        return map(fn, items)
-    with ThreadPoolExecutor(threads) as own:
-        return iter(list(own.map(fn, items)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -378,11 +366,6 @@ def eval_size_default(max_side: int | None, sizes: np.ndarray) -> int:
     the images are smaller."""
     median = int(np.median(sizes.min(1))) if len(sizes) else 224
     return int(min(224, median, max_side or 224)) if median else 224
-
-
-def sides_summary(sizes: np.ndarray) -> str:
-    lo, hi = sizes.min(0), sizes.max(0)
-    return f"{lo[0]}x{lo[1]} .. {hi[0]}x{hi[1]}"
 
 
 __all__ = ["EncodedImages", "EncodedSource", "decode_image", "normalize_image", "reduction_for", "scale_crops",
