@@ -149,25 +149,36 @@ def _one_thread_worker(_: int) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def time_onepoch(images, batches: list[np.ndarray], spec: ViewSpec, threads: int,
+def time_onepoch(images, batches: list[np.ndarray], spec: ViewSpec, threads: int, warmup: int,
                  device: torch.device = torch.device("cpu"), device_decode=None) -> float:
+    """Seconds to deliver ``batches[warmup:]`` after the first ``warmup``, run as the trainer runs it:
+    the next batch's decodes start before this one's views are delivered, into the buffers of the
+    batch delivered before this one."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with ThreadPoolExecutor(threads) as pool:
-        start = time.perf_counter()
-        for step, index in enumerate(batches):
-            pending = start_encoded_views([EncodedBatch(images, index, index)], [spec], 0, step, pool,
-                                          device_decode=device_decode, resize_in_pool=device.type == "cpu")
-            finish_encoded_views(pending, [spec], device)
+        ahead = trained = training = None
+        for step, index in enumerate(batches + [None]):
+            pending = None if index is None else start_encoded_views(
+                [EncodedBatch(images, index, index)], [spec], 0, step, pool, device_decode=device_decode,
+                render_in_pool=device.type == "cpu", reuse=trained)
+            if ahead is not None:
+                finish_encoded_views(ahead, [spec], device)  # delivers batch step - 1
+                trained, training = training, ahead
+            if step == warmup:  # the warm-up batches are delivered (and the next one's decodes started)
+                sync()
+                start = time.perf_counter()
+            ahead = pending
         sync()
         return time.perf_counter() - start
 
 
-def time_decode_per_view(images, batches: list[np.ndarray], spec: ViewSpec, threads: int) -> float:
+def time_decode_per_view(images, batches: list[np.ndarray], spec: ViewSpec, threads: int, warmup: int) -> float:
     """Every view decodes its image again (full scale), then the batched rendering, view by view."""
     one = ViewSpec(**{**spec.__dict__, "count": 1})
     with ThreadPoolExecutor(threads) as pool:
-        start = time.perf_counter()
         for step, index in enumerate(batches):
+            if step == warmup:
+                start = time.perf_counter()
             sizes = images.image_sizes(index)
             for v in range(spec.count):
                 decoded = list(pool.map(lambda i: decode_image(images.encoded(int(i))), index))
@@ -177,12 +188,13 @@ def time_decode_per_view(images, batches: list[np.ndarray], spec: ViewSpec, thre
         return time.perf_counter() - start
 
 
-def time_per_sample(jpegs: list[bytes], batch: int, spec: ViewSpec, workers: int) -> float:
+def time_per_sample(jpegs: list[bytes], batch: int, spec: ViewSpec, workers: int, warmup: int) -> float:
+    """Seconds for the batches after the first ``warmup`` (workers started and busy)."""
     loader = torch.utils.data.DataLoader(PerSampleDataset(jpegs, spec), batch_size=batch, num_workers=workers,
                                          worker_init_fn=_one_thread_worker if workers else None)
-    start = time.perf_counter()
-    for _ in loader:
-        pass
+    for step, _ in enumerate(loader):
+        if step == warmup - 1:
+            start = time.perf_counter()
     return time.perf_counter() - start
 
 
@@ -192,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=100, help="images per batch (default 100)")
     ap.add_argument("--views", type=int, default=20, help="views per image (default 20)")
     ap.add_argument("--size", type=int, default=224, help="view size in pixels (default 224; 96 for STL-10)")
-    ap.add_argument("--batches", type=int, default=2, help="batches per measurement (default 2)")
+    ap.add_argument("--batches", type=int, default=4, help="batches timed per pipeline (default 4; keep it a multiple "
+                    "of --workers, or the per-sample pipeline is timed with idle workers at the end)")
+    ap.add_argument("--warmup", type=int, default=2, help="batches delivered before the timing starts, so that "
+                    "each pipeline is measured in its steady state: workers started, buffers reused (default 2)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the per-sample pipeline (default 2)")
     ap.add_argument("--threads", type=int, default=0, help="onepoch's decode threads (default: one per core)")
     ap.add_argument("--device", default="cpu", help="where onepoch renders the views: cpu (default) or cuda "
@@ -201,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="8 images, 2 views of 32x32: checks that it runs")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.batch, args.views, args.size, args.batches, args.workers = 4, 2, 32, 2, 0
+        args.batch, args.views, args.size, args.batches, args.warmup, args.workers = 4, 2, 32, 2, 1, 0
+    if args.warmup < 1 or args.batches < 1:
+        ap.error("--warmup and --batches must be at least 1")
     threads = args.threads or os.cpu_count() or 1
-    n = args.batch * args.batches
+    n = args.batch * (args.warmup + args.batches)
     jpegs = npz_jpegs(args.npz, n) if args.npz else generated_jpegs(n)
     if len(jpegs) < n:
         sys.exit(f"{args.npz} has only {len(jpegs)} images; need {n}")
@@ -216,25 +233,24 @@ def main(argv: list[str] | None = None) -> int:
         write_prepared(SourceData("bench", {"train": EncodedSource(n, lambda: iter(records))}, ["x"], "bench"),
                        Path(tmp) / "ds")
         images = open_split(Path(tmp) / "ds", "train").images
-        batches = [np.arange(b * args.batch, (b + 1) * args.batch) for b in range(args.batches)]
-        time_onepoch(images, batches[:1], spec, threads)  # warm-up: page cache, allocator
-        rows = [("per-sample (DataLoader, Pillow)", time_per_sample(jpegs, args.batch, spec, args.workers)),
-                ("decode per view (FFCV-SSL style)", time_decode_per_view(images, batches, spec, threads)),
-                ("onepoch: decode once, crop many", time_onepoch(images, batches, spec, threads))]
+        batches = [np.arange(b * args.batch, (b + 1) * args.batch) for b in range(args.warmup + args.batches)]
+        w = args.warmup
+        rows = [("per-sample (DataLoader, Pillow)", time_per_sample(jpegs, args.batch, spec, args.workers, w)),
+                ("decode per view (FFCV-SSL style)", time_decode_per_view(images, batches, spec, threads, w)),
+                ("onepoch: decode once, crop many", time_onepoch(images, batches, spec, threads, w))]
         device = torch.device(args.device)
         if device.type == "cuda":
             from onepoch.encoded_views import device_jpeg_decoder
 
-            time_onepoch(images, batches[:1], spec, threads, device)
-            rows.append(("onepoch, views on the GPU", time_onepoch(images, batches, spec, threads, device)))
+            rows.append(("onepoch, views on the GPU", time_onepoch(images, batches, spec, threads, w, device)))
             nvjpeg = device_jpeg_decoder(device)
             if nvjpeg is not None:
-                time_onepoch(images, batches[:1], spec, threads, device, nvjpeg)
                 rows.append(("onepoch, nvJPEG + views on the GPU",
-                             time_onepoch(images, batches, spec, threads, device, nvjpeg)))
-    rates = {label: n / seconds for label, seconds in rows}
+                             time_onepoch(images, batches, spec, threads, w, device, nvjpeg)))
+    timed = args.batch * args.batches
+    rates = {label: timed / seconds for label, seconds in rows}
     ref = rates["per-sample (DataLoader, Pillow)"]
-    print(f"{args.batches} batches of {args.batch} images x {args.views} views of {args.size}x{args.size} "
+    print(f"{args.batches} batches (after {args.warmup} to warm up) of {args.batch} images x {args.views} views of {args.size}x{args.size} "
           f"(EMP-SSL ImageNet recipe) from {source} JPEGs, on CPU ({os.cpu_count()} cores; onepoch: {threads} "
           f"decode threads, {torch.get_num_threads()} torch threads; per-sample: {args.workers} workers); "
           f"torch {torch.__version__}")
@@ -244,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"source": source, "batch": args.batch, "views": args.views, "size": args.size,
-                       "batches": args.batches, "workers": args.workers, "threads": threads,
+                       "batches": args.batches, "warmup": args.warmup, "workers": args.workers, "threads": threads,
                        "device": args.device, "images_per_s": rates,
                        "ratio_vs_per_sample": rates["onepoch: decode once, crop many"] / ref},
                       f, indent=2)

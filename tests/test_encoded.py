@@ -203,7 +203,7 @@ def step_views(images, index, threads, first_step=0, world_size=1, rank=0, globa
     batch = EncodedBatch(images, np.asarray(index), np.asarray(index if global_index is None else global_index))
     with ThreadPoolExecutor(threads) as pool:
         pending = start_encoded_views([batch], SPECS, 7, first_step, pool, rank=rank, world_size=world_size,
-                                      resize_in_pool=in_pool)
+                                      render_in_pool=in_pool)
         return finish_encoded_views(pending, SPECS, torch.device("cpu"))[0]
 
 
@@ -221,6 +221,29 @@ def test_views_do_not_depend_on_the_number_of_decode_threads(tmp_path):
     pool_four = step_views(images, range(10), threads=4, in_pool=True)
     assert all(torch.equal(a, b) for a, b in zip(pool_one, pool_four))
     assert all((a - b).abs().max() < 0.05 and (a - b).abs().mean() < 0.005 for a, b in zip(pool_one, one))
+
+
+def test_rendering_into_an_earlier_calls_buffers_gives_the_same_views(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = prepare(tmp_path / "ds", jpeg_records(8, 0, 30, 200), jpeg_records(2, 1))
+    images = open_split(out, "train").images
+    batch = EncodedBatch(images, np.arange(8), np.arange(8))
+    fresh = step_views(images, range(8), threads=2, first_step=5, in_pool=True)
+    with ThreadPoolExecutor(2) as pool:
+        earlier = start_encoded_views([batch], SPECS, 7, 4, pool, render_in_pool=True)
+        finish_encoded_views(earlier, SPECS, torch.device("cpu"))
+        pending = start_encoded_views([batch], SPECS, 7, 5, pool, render_in_pool=True, reuse=earlier)
+        reused = finish_encoded_views(pending, SPECS, torch.device("cpu"))[0]
+        assert all(a.data_ptr() == b.data_ptr() for a, b in zip(pending.outputs, earlier.outputs))
+        assert all(torch.equal(a, b) for a, b in zip(reused, fresh))
+        # a batch of another size cannot use those buffers: fresh ones, the same views
+        small = EncodedBatch(images, np.arange(5), np.arange(5))
+        other = start_encoded_views([small], SPECS, 7, 5, pool, render_in_pool=True, reuse=earlier)
+        views = finish_encoded_views(other, SPECS, torch.device("cpu"))[0]
+        assert all(a.data_ptr() != b.data_ptr() for a, b in zip(other.outputs, earlier.outputs))
+        five = step_views(images, range(5), threads=1, first_step=5, in_pool=True)
+        assert all(torch.equal(a, b) for a, b in zip(views, five))
 
 
 def test_at_full_scale_the_views_are_the_batched_views_of_the_decoded_images(tmp_path):

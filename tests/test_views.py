@@ -114,6 +114,12 @@ def test_emp_recipe_matches_reference_shared_crops():
     check_against_reference(natural_images(5, seed=3), spec, seed=2)
 
 
+def test_blur_of_views_smaller_than_its_radius_matches_reference():
+    # 5x5 views, blur radius ceil(3 * 2.0) = 6: one reflection cannot pad them (the matrix path)
+    spec = ViewSpec(count=4, size=5, crop_scale=(0.3, 1.0), blur_p=1.0, blur_sigma=(0.5, 2.0))
+    check_against_reference(natural_images(3, 12, 12, seed=7), spec, seed=4)
+
+
 def test_bicubic_and_one_channel_match_reference():
     spec = dataclasses.replace(MIXED, interpolation="bicubic", mean=(0.5,), std=(0.25,), count=2)
     check_against_reference(natural_images(4, 28, 28, 1, seed=4), spec, seed=3, atol=3e-4)
@@ -269,3 +275,28 @@ def test_load_view_spec_from_preset_file_and_overrides(tmp_path):
         load_view_spec("emp_ssl_cifr")
     with pytest.raises(ConfigError, match="ViewSpec.count: expected an integer"):
         load_view_spec("emp_ssl_cifar", {"count": "many"})
+
+
+def test_rendering_into_a_given_output():
+    images = natural_images(3)
+    spec = dataclasses.replace(MIXED, count=2)
+    params = sample_view_params(spec, 3, 32, 32, torch.Generator().manual_seed(2))
+    expected = apply_view_params(images, params, spec)
+    buffer = torch.full((4, *expected.shape[1:]), float("nan"))
+    strided = buffer.view(2, 2, *expected.shape[1:])[:, 0]  # rows of a larger batch: each view contiguous
+    for out in (torch.empty_like(expected), buffer[1:3].new_empty(expected.shape)):
+        assert apply_view_params(images, params, spec, out=out) is out and torch.equal(out, expected)
+    with pytest.raises(ValueError, match="out must be"):
+        apply_view_params(images, params, spec, out=torch.empty(5, *expected.shape[1:]))
+    few = sample_view_params(spec, 1, 32, 32, torch.Generator().manual_seed(3))
+    one = apply_view_params(images[:1], few, spec)
+    assert torch.equal(apply_view_params(images[:1], few, spec, out=strided), one) and torch.equal(strided, one)
+
+
+def test_one_torch_thread_restores_the_thread_count():
+    from onepoch.views import one_torch_thread
+
+    before = torch.get_num_threads()
+    with one_torch_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

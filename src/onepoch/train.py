@@ -431,14 +431,20 @@ def _encoded_steps_with_views(steps, specs: list, seed: int, per_call: int, chan
 
     device_decode = device_jpeg_decoder(device)  # nvJPEG on CUDA where torchvision offers it
 
+    trained = None  # the call before the one training: when a call starts, its steps have trained, and
+    # the new call's views are rendered into its buffers (start_encoded_views' reuse)
+    training = None
+
     def start(chunk):
         return chunk, start_encoded_views([b.images for _, b in chunk], specs, seed, chunk[0][0], pool,
                                           rank=world.rank, world_size=world.size, device_decode=device_decode,
-                                          resize_in_pool=device.type == "cpu")
+                                          render_in_pool=device.type == "cpu", reuse=trained)
 
     def finish(started):
+        nonlocal trained, training
         chunk, pending = started
         views = finish_encoded_views(pending, specs, device, channels_last=channels_last)
+        trained, training = training, pending
         return [(s, b, v) for (s, b), v in zip(chunk, views)]
 
     with ThreadPoolExecutor(decode_threads or default_threads()) as pool:
