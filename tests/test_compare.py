@@ -100,6 +100,7 @@ def test_per_method_budgets_and_cheapest_budget_first(tmp_path, monkeypatch):
     assert "Cost of these 5 cell(s): 0.08 h in training steps, 0.04 h evaluating; peak resident memory 1.00 GiB." in md
     rows = [line.split(" |")[0] for line in md.splitlines() if line.startswith("| ")][1:]
     assert rows[:2] == ["| emp_ssl", "| simclr"] and rows[2] == "| random init"   # random init listed last
+    assert (config.dir / "acc_vs_seconds.png").stat().st_size > 0   # and the figures so far
 
 
 def test_labels_fall_back_to_the_recipe_when_two_entries_share_a_method(tmp_path):

@@ -528,7 +528,7 @@ def write_report(config: CompareConfig, summaries: list[dict[str, Any]], *, comm
 
 def run_compare(config: CompareConfig, *, command: str = "", fmt: str = "png", log=print) -> dict[str, Any]:
     """Run every cell not yet done, then write compare.json, compare.md and the plots (``fmt``: png,
-    svg or pdf)."""
+    svg or pdf); after each cell, the report and plots of the cells so far."""
     config.dir.mkdir(parents=True, exist_ok=True)
     cells = plan_cells(config)
     total = len(cells) + (len(config.seeds) if config.random_init else 0)
@@ -547,8 +547,9 @@ def run_compare(config: CompareConfig, *, command: str = "", fmt: str = "png", l
         state = "done" if (cell.run_dir / "cell.json").exists() else "to do"
         log(f"[{step}/{total}] {cell.key} ({state})")
         summaries.append(run_cell(config, cell, log=log))
-        if step < total:  # the table so far, for a comparison that spans several sittings
+        if step < total:  # the table and figures so far, for a comparison that spans several sittings
             write_report(config, summaries, command=command, seconds=time.perf_counter() - t0)
+            write_plots(config, summaries, fmt)
     report = write_report(config, summaries, command=command, seconds=time.perf_counter() - t0)
     markdown = format_markdown(config, summaries, command=command)
     plots = write_plots(config, summaries, fmt)
