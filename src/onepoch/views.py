@@ -393,7 +393,7 @@ def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
 def _gaussian_blur_matrices(sigma: torch.Tensor, size: int, radius: int) -> torch.Tensor:
     """``(n, size, size)`` matrices of a 1-D gaussian blur with per-view ``sigma`` (kernels of
     :func:`_gaussian_kernels`), reflect padding at the borders, repeated when the radius exceeds the
-    side (for views too small for :func:`_blur`'s padded convolution)."""
+    side (for views too small for :func:`_blur`'s padded shifted sums)."""
     dev = sigma.device
     kernel = _gaussian_kernels(sigma, radius)
     t = torch.arange(-radius, radius + 1, device=dev)
