@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# The GPU check: one command for a CUDA machine (torch >= 2.3, no network) that finishes within about
-# 8 minutes on an H100/H200 and prints one summary line per item (lines starting "GPU-CHECK"):
+# The GPU check: one command for a CUDA machine (torch >= 2.3, no network). It prints one summary line
+# per item (lines starting "GPU-CHECK"), most important first, each item under its own time limit so
+# that one slow item cannot starve the rest:
 #   (a) the CUDA-only tests (pytest -m cuda) and the autocast/step-loop tests;
 #   (b) emp_ssl/cifar10_1epoch for one full epoch (bf16 autocast, channels_last): train seconds,
-#       patches/s, peak memory; the step-time breakdown (benchmarks/train_step.py); and whether
-#       train.compile pays for its compile time (a compiled run of --compile-steps steps);
+#       patches/s, peak memory;
 #   (c) the paper's evaluation of that run: bag of 128 patches of pre_feature + full image, linear
 #       probe (weight decay and epochs chosen on the validation split) and k-NN;
-#   (d) the view benchmark (benchmarks/views.py) on the CIFAR-10 images, 100 and 1,000 per call;
-#   (e) the JPEG-at-rest benchmark (benchmarks/decode.py, generated ~500x375 JPEGs, 100 images x 20 views
-#       of 224x224): views rendered on the GPU from host decodes and from nvJPEG decodes.
+#   (d) the JPEG-at-rest benchmark (benchmarks/decode.py, generated ~500x375 JPEGs, 100 images x 20 views
+#       of 224x224): views rendered on the GPU from host decodes and from nvJPEG decodes;
+#   (e) the view benchmark (benchmarks/views.py) on the CIFAR-10 images, 100 and 1,000 per call;
+#   (f) the step-time breakdown (benchmarks/train_step.py);
+#   (g) whether train.compile pays for its compile time (--compile-steps steps compiled against eager).
 #
 # Data: CIFAR-10 prepared from cifar10-jpeg.npz (the shared datasets' copy), found at $CIFAR_NPZ, else
 # data/cifar10-jpeg.npz (carry it to the GPU machine), else ../shared/datasets/cifar10/cifar10-jpeg.npz.
-# Outputs (logs, JSON, the run directory) go to $OUT (default gpu_check_out/).
+# Logs, JSON and run directories go to $WORK (default gpu_check_out/). Where $OUT names another folder
+# (the device tool's), the summary and one archive of the logs and results (gpu_check.tar.gz, no
+# checkpoints) are copied there after every item, so a run cut short still returns what it finished.
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine
 #   bash benchmarks/gpu_check.sh --smoke    # on a CPU: tiny network and data, a few steps; checks the script
@@ -23,13 +27,27 @@ SMOKE=0
 [ "${1:-}" = "--smoke" ] && SMOKE=1
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
-OUT=${OUT:-gpu_check_out}
-mkdir -p "$OUT"
+WORK=${WORK:-gpu_check_out}
+OUT=${OUT:-$WORK}
+mkdir -p "$WORK" "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" ONEPOCH_PROGRESS=0
-summary() { echo "GPU-CHECK $*" | tee -a "$OUT/summary.txt"; }
-: > "$OUT/summary.txt"
+pack() {  # the summary and an archive of logs and results (no checkpoints) into $OUT, if it is elsewhere
+  [ "$(cd "$OUT" && pwd)" = "$(cd "$WORK" && pwd)" ] && return
+  cp "$WORK/summary.txt" "$OUT/summary.txt"
+  (cd "$WORK" && find . -type f ! -name '*.pt' ! -name '*.safetensors' -print0 \
+     | tar czf "$OUT/gpu_check.tar.gz.tmp" --null -T - && mv "$OUT/gpu_check.tar.gz.tmp" "$OUT/gpu_check.tar.gz")
+}
+summary() { echo "GPU-CHECK $*" | tee -a "$WORK/summary.txt"; pack; }
+limited() {  # limited SECONDS LOG COMMAND...: run COMMAND with its output in LOG, killed after SECONDS
+  local seconds=$1 log=$2; shift 2
+  timeout --kill-after=10 "$seconds" "$@" > "$log" 2>&1
+  local code=$?
+  [ $code = 124 ] && echo "(stopped after its limit of $seconds s)" >> "$log"
+  return $code
+}
+: > "$WORK/summary.txt"
 
-summary "device: $($PY -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device (CPU)", "| torch", torch.__version__)')"
+summary "device: $($PY -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device (CPU)", "| torch", torch.__version__)') | $(nproc) CPU cores"
 
 # --- data ---------------------------------------------------------------------------------------
 NPZ=${CIFAR_NPZ:-}
@@ -41,8 +59,8 @@ if [ -z "$NPZ" ]; then
 fi
 DATA=${DATA:-data/cifar10}
 t0=$SECONDS
-$PY -m onepoch prepare npz --source "$NPZ" --out "$DATA" > "$OUT/prepare.log" 2>&1 \
-  || { summary "data: prepare failed, see $OUT/prepare.log"; tail -3 "$OUT/prepare.log"; exit 1; }
+limited 300 "$WORK/prepare.log" $PY -m onepoch prepare npz --source "$NPZ" --out "$DATA" \
+  || { summary "data: prepare failed, see $WORK/prepare.log"; tail -3 "$WORK/prepare.log"; exit 1; }
 summary "data: $DATA ready in $((SECONDS - t0)) s"
 
 if [ $SMOKE = 1 ]; then
@@ -58,25 +76,26 @@ else
   TINY=""
   TESTS_CUDA="-m cuda"
   TESTS="tests/test_precision.py tests/test_step_loop.py"
-  COMPILE_STEPS=${COMPILE_STEPS:-150}
+  COMPILE_STEPS=${COMPILE_STEPS:-100}
   VIEW_ARGS=""
   STEP_ARGS="--steps 20 --rounds 3"
 fi
 
+
 # --- (a) tests ------------------------------------------------------------------------------------
 if $PY -c "import pytest" 2>/dev/null; then
   if [ -n "$TESTS_CUDA" ]; then
-    $PY -m pytest -q -p no:cacheprovider -rs $TESTS_CUDA > "$OUT/tests_cuda.log" 2>&1
-    summary "(a) CUDA-only tests: exit $? -- $(grep -E 'passed|failed|error' "$OUT/tests_cuda.log" | tail -1)"
+    limited 150 "$WORK/tests_cuda.log" $PY -m pytest -q -p no:cacheprovider -rs $TESTS_CUDA
+    summary "(a) CUDA-only tests: exit $? -- $(grep -E 'passed|failed|error' "$WORK/tests_cuda.log" | tail -1)"
   fi
-  $PY -m pytest -q -p no:cacheprovider $TESTS > "$OUT/tests.log" 2>&1
-  summary "(a) autocast and step-loop tests: exit $? -- $(grep -E 'passed|failed|error' "$OUT/tests.log" | tail -1)"
+  limited 150 "$WORK/tests.log" $PY -m pytest -q -p no:cacheprovider $TESTS
+  summary "(a) autocast and step-loop tests: exit $? -- $(grep -E 'passed|failed|error' "$WORK/tests.log" | tail -1)"
 else
   summary "(a) tests: pytest is not installed here"
 fi
 
 # --- (b) one epoch --------------------------------------------------------------------------------
-cat > "$OUT/epoch.py" <<'EOF'
+cat > "$WORK/epoch.py" <<'PYEOF'
 """One training run of a recipe, with its wall time, rate and peak device memory as JSON."""
 import json, sys, time
 import torch
@@ -93,52 +112,58 @@ peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() el
 json.dump({"run_dir": str(r.run_dir), "steps": r.steps, "train_seconds": r.seconds, "wall_seconds": wall,
            "patches_per_s": r.patches_per_s, "final_loss": r.final_loss, "peak_gib": peak,
            "online_probe_test_acc": r.online_probe_test_acc}, open(out, "w"), indent=2)
-EOF
+PYEOF
 RECIPE=emp_ssl/cifar10_1epoch
-COMMON="data.root=$DATA train.out=$OUT/runs train.log_every=50 $TINY"
-$PY "$OUT/epoch.py" "$OUT/epoch.json" $RECIPE $COMMON name=epoch $([ $SMOKE = 1 ] && echo train.max_steps=3) \
-  > "$OUT/epoch.log" 2>&1
-if [ -f "$OUT/epoch.json" ]; then
-  summary "(b) epoch: $($PY -c "import json; r = json.load(open('$OUT/epoch.json')); print(f\"{r['steps']} steps in {r['train_seconds']:.1f} s of training ({r['wall_seconds']:.1f} s with set-up and the online probe's test pass), {r['patches_per_s']:,.0f} patches/s, peak {r['peak_gib']:.1f} GiB, final loss {r['final_loss']:.3f}, online probe {r['online_probe_test_acc']}\")")"
+COMMON="data.root=$DATA train.out=$WORK/runs train.log_every=50 $TINY"
+t0=$SECONDS
+limited 300 "$WORK/epoch.log" $PY "$WORK/epoch.py" "$WORK/epoch.json" $RECIPE $COMMON name=epoch \
+  $([ $SMOKE = 1 ] && echo train.max_steps=3)
+if [ -f "$WORK/epoch.json" ]; then
+  summary "(b) epoch: $($PY -c "import json; r = json.load(open('$WORK/epoch.json')); print(f\"{r['steps']} steps in {r['train_seconds']:.1f} s of training ({r['wall_seconds']:.1f} s with set-up and the online probe's test pass), {r['patches_per_s']:,.0f} patches/s, peak {r['peak_gib']:.1f} GiB, final loss {r['final_loss']:.3f}, online probe {r['online_probe_test_acc']}\")")"
 else
-  summary "(b) epoch: failed -- $(tail -1 "$OUT/epoch.log")"
-fi
-$PY benchmarks/train_step.py --recipe $RECIPE $STEP_ARGS --json "$OUT/train_step.json" > "$OUT/train_step.log" 2>&1
-summary "(b) step breakdown: $(tail -1 "$OUT/train_step.log")"
-summary "(b) step pipelined: $(grep 'channels_last (default)' "$OUT/train_step.log" | sed 's/^ *//')"
-if [ "$COMPILE_STEPS" -gt 0 ]; then
-  $PY "$OUT/epoch.py" "$OUT/compiled.json" $RECIPE $COMMON name=compiled train.compile=true \
-    train.max_steps=$COMPILE_STEPS train.online_probe=false > "$OUT/compiled.log" 2>&1
-  $PY "$OUT/epoch.py" "$OUT/eager.json" $RECIPE $COMMON name=eager \
-    train.max_steps=$COMPILE_STEPS train.online_probe=false > "$OUT/eager.log" 2>&1
-  summary "(b) compile: $($PY -c "
-import json
-c, e = json.load(open('$OUT/compiled.json')), json.load(open('$OUT/eager.json'))
-print(f\"{c['steps']} steps: compiled {c['train_seconds']:.1f} s (compile included) vs eager {e['train_seconds']:.1f} s\")" 2>&1 | tail -1)"
+  summary "(b) epoch: failed after $((SECONDS - t0)) s -- $(tail -1 "$WORK/epoch.log")"
 fi
 
 # --- (c) the paper's evaluation -------------------------------------------------------------------
-if [ -f "$OUT/epoch.json" ]; then
+if [ -f "$WORK/epoch.json" ]; then
   t0=$SECONDS
-  $PY -m onepoch eval "$OUT/runs/epoch" > "$OUT/eval.log" 2>&1
+  limited 240 "$WORK/eval.log" $PY -m onepoch eval "$WORK/runs/epoch"
   code=$?
   summary "(c) eval: exit $code in $((SECONDS - t0)) s -- $($PY -c "
 import json
-r = json.load(open('$OUT/runs/epoch/eval.json'))['results']
+r = json.load(open('$WORK/runs/epoch/eval.json'))['results']
 print('; '.join(f\"{k}: \" + ', '.join(f\"{p} test {100 * v['test_acc']:.2f} % (val {100 * v['val_acc']:.2f} %)\" for p, v in e.items() if isinstance(v, dict) and 'test_acc' in v) for k, e in r.items()))" 2>&1 | tail -1)"
 fi
 
-# --- (d) views ------------------------------------------------------------------------------------
-$PY benchmarks/views.py --data "$DATA" $VIEW_ARGS --json "$OUT/views.json" > "$OUT/views.log" 2>&1
-summary "(d) views, 100 images/call: $(grep 'onepoch.views batched' "$OUT/views.log" | head -1 | sed 's/  */ /g')"
-if [ $SMOKE = 0 ]; then
-  $PY benchmarks/views.py --data "$DATA" --batch 1000 --json "$OUT/views1000.json" > "$OUT/views1000.log" 2>&1
-  summary "(d) views, 1000 images/call: $(grep 'onepoch.views batched' "$OUT/views1000.log" | head -1 | sed 's/  */ /g')"
-fi
-# --- (e) JPEG at rest -----------------------------------------------------------------------------
+# --- (d) JPEG at rest -----------------------------------------------------------------------------
 DEVICE=$($PY -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
-$PY benchmarks/decode.py --device $DEVICE $([ $SMOKE = 1 ] && echo --smoke) --json "$OUT/decode.json" \
-  > "$OUT/decode.log" 2>&1
-summary "(e) decode: $(grep -E '^onepoch' "$OUT/decode.log" | sed 's/  */ /g' | paste -sd ';' -)"
-echo "---- summary ($OUT/summary.txt) ----"
-cat "$OUT/summary.txt"
+limited 150 "$WORK/decode.log" $PY benchmarks/decode.py --device $DEVICE $([ $SMOKE = 1 ] && echo --smoke) \
+  --json "$WORK/decode.json"
+summary "(d) decode: $(grep -E '^(onepoch|per-sample|decode per)' "$WORK/decode.log" | sed 's/  */ /g' | paste -sd ';' -)"
+
+# --- (e) views ------------------------------------------------------------------------------------
+limited 60 "$WORK/views.log" $PY benchmarks/views.py --data "$DATA" $VIEW_ARGS --json "$WORK/views.json"
+summary "(e) views, 100 images/call: $(grep 'onepoch.views batched' "$WORK/views.log" | head -1 | sed 's/  */ /g')"
+if [ $SMOKE = 0 ]; then
+  limited 60 "$WORK/views1000.log" $PY benchmarks/views.py --data "$DATA" --batch 1000 --json "$WORK/views1000.json"
+  summary "(e) views, 1000 images/call: $(grep 'onepoch.views batched' "$WORK/views1000.log" | head -1 | sed 's/  */ /g')"
+fi
+
+# --- (f) step breakdown ---------------------------------------------------------------------------
+limited 120 "$WORK/train_step.log" $PY benchmarks/train_step.py --recipe $RECIPE $STEP_ARGS --json "$WORK/train_step.json"
+summary "(f) step breakdown: $(tail -1 "$WORK/train_step.log")"
+summary "(f) step pipelined: $(grep 'channels_last (default)' "$WORK/train_step.log" | sed 's/^ *//')"
+
+# --- (g) compile ----------------------------------------------------------------------------------
+if [ "$COMPILE_STEPS" -gt 0 ]; then
+  limited 200 "$WORK/compiled.log" $PY "$WORK/epoch.py" "$WORK/compiled.json" $RECIPE $COMMON name=compiled \
+    train.compile=true train.max_steps=$COMPILE_STEPS train.online_probe=false
+  limited 100 "$WORK/eager.log" $PY "$WORK/epoch.py" "$WORK/eager.json" $RECIPE $COMMON name=eager \
+    train.max_steps=$COMPILE_STEPS train.online_probe=false
+  summary "(g) compile: $($PY -c "
+import json
+c, e = json.load(open('$WORK/compiled.json')), json.load(open('$WORK/eager.json'))
+print(f\"{c['steps']} steps: compiled {c['train_seconds']:.1f} s (compile included) vs eager {e['train_seconds']:.1f} s\")" 2>&1 | tail -1)"
+fi
+echo "---- summary ($WORK/summary.txt) ----"
+cat "$WORK/summary.txt"
