@@ -373,3 +373,44 @@ def test_training_on_jpeg_at_rest_resumes_exactly(tmp_path):
           resume=True, progress_bar=False)
     whole, parts = weights("whole"), weights("parts")
     assert all(torch.equal(whole[k], parts[k]) for k in whole)
+
+
+@pytest.mark.cuda
+def test_nvjpeg_views_while_the_training_stream_is_busy(tmp_path):
+    """The nvJPEG decoder under load, as the trainer runs it: the next step's images decoded while the
+    last step's views are still being rendered on the device and then freed. torchvision writes its
+    outputs on a stream of its own, which waits for nothing; called plainly, it overwrote memory the
+    queued kernels still used (on an H200: an index_copy_ out of bounds, then 'Failed to decode batch'),
+    while onepoch's decoder ran. The views must also match those of host decodes (nvJPEG's IDCT differs
+    from libjpeg's by a few levels: on the H200, 2.2 of 255 on average)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from onepoch.encoded_views import device_jpeg_decoder
+
+    decoder = device_jpeg_decoder(torch.device("cuda"))
+    if decoder is None:
+        pytest.skip("torchvision with nvJPEG is not installed")
+    records = jpeg_records(64, 0, 150, 300)
+    out = prepare(tmp_path / "ds", records, records[:2])
+    images = open_split(out, "train").images
+    spec = [ViewSpec(count=8, size=96, crop_scale=(0.25, 0.25), blur_p=0.5, solarize_p=0.2)]
+    cuda = torch.device("cuda")
+
+    def host_decode(data, device):  # full scale, like nvJPEG
+        return [torch.from_numpy(np.array(decode_image(bytes(d.numpy())))).permute(2, 0, 1) for d in data]
+
+    with ThreadPoolExecutor(4) as pool:
+        for step in range(6):
+            index = np.arange(64)[np.random.default_rng(step).permutation(64)[:32]]
+            batch = [EncodedBatch(images, index, index)]
+            ahead = start_encoded_views(batch, spec, 7, step, pool, device_decode=decoder)
+            busy = torch.randn(4096, 4096, device=cuda)
+            for _ in range(20):  # queued work on the training stream, then its memory freed
+                busy = busy @ busy.T / 4096
+            del busy
+            on_device = finish_encoded_views(ahead, spec, cuda)[0][0]
+            host = finish_encoded_views(start_encoded_views(batch, spec, 7, step, pool, device_decode=host_decode),
+                                        spec, cuda)[0][0]
+            torch.cuda.synchronize()
+            assert torch.isfinite(on_device).all()
+            assert (on_device - host).abs().mean() < 0.03

@@ -163,11 +163,11 @@ def test_method_registry_is_covered():
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", list(dict.fromkeys(["emp_ssl", *TINY_HEADS])))
 def test_every_method_trains_on_cuda_with_the_default_autocast(tmp_path, blobs, name, views_never_under_autocast):
-    """On a GPU, train.amp=auto means bf16 autocast and channels_last: 5 steps, views rendered 2 steps
-    per call, give finite float32 weights."""
+    """On a GPU, train.amp=auto means bf16 autocast and channels_last: 5 steps (of two 4-step epochs),
+    views rendered 2 steps per call (the last call renders one), give finite float32 weights."""
     recipe = None if name == "emp_ssl" else f"{name}/fashion_mnist_1epoch"
     extra = ["views.count=4", "views.preset=emp_ssl_fashion_mnist"] if name == "emp_ssl" else []
-    config = load_config(recipe, [*SMALL, *HEADS[name], *extra, "train.device=cuda", "train.max_steps=5",
+    config = load_config(recipe, [*SMALL, *HEADS[name], *extra, "train.device=cuda", "train.epochs=2", "train.max_steps=5",
                                   "train.view_steps=2", "train.log_every=2", f"data.root={blobs}",
                                   f"train.out={tmp_path}", "name=t"])
     result = train(config, progress_bar=False)

@@ -91,8 +91,24 @@ def device_jpeg_decoder(device: torch.device) -> DeviceDecoder | None:
     except Exception:  # noqa: BLE001 - torchvision missing or broken: the host decodes
         return None
 
+    streams: dict[torch.device, torch.cuda.Stream] = {}
+
     def decode(data: list[torch.Tensor], dev: torch.device) -> list[torch.Tensor]:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+        # torchvision allocates the outputs on the caller's current stream but writes them on a stream
+        # of its own that waits for nothing: memory just freed by kernels still queued on the training
+        # stream could be handed to the decoder and overwritten under them (seen on an H200: views'
+        # index tensors corrupted, an index_copy_ out of bounds, then nvJPEG failing). So the outputs
+        # come from the pool of a stream of our own, which sees no other allocation, and the training
+        # stream waits for the decodes and keeps the outputs from reuse until its own work on them ends.
+        current = torch.cuda.current_stream(dev)
+        side = streams.setdefault(dev, torch.cuda.Stream(dev))
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            out = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
+        current.wait_stream(side)
+        for t in out:
+            t.record_stream(current)
+        return out
 
     return decode
 
