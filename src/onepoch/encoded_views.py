@@ -101,7 +101,9 @@ def device_jpeg_decoder(device: torch.device) -> DeviceDecoder | None:
         # come from the pool of a stream of our own, which sees no other allocation, and the training
         # stream waits for the decodes and keeps the outputs from reuse until its own work on them ends.
         current = torch.cuda.current_stream(dev)
-        side = streams.setdefault(dev, torch.cuda.Stream(dev))
+        if dev not in streams:
+            streams[dev] = torch.cuda.Stream(dev)
+        side = streams[dev]
         side.wait_stream(current)
         with torch.cuda.stream(side):
             out = decode_jpeg(data, mode=ImageReadMode.RGB, device=dev)
