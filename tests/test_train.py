@@ -1,6 +1,7 @@
 """The trainer: config checks, checkpoints, in-process resume, NaN guard (SIGKILL resume: test_reliability.py)."""
 
 import json
+import math
 import os
 import pickle
 from pathlib import Path
@@ -238,3 +239,28 @@ def test_exponent_without_a_dot_is_a_number(tmp_path, blobs):
     assert config.optim.weight_decay == 1e-4 and config.eval.linear_weight_decays == (0.0, 1e-4)
     with pytest.raises(ConfigError, match="optim.weight_decay: expected a number, got 'lots'"):
         tiny_config(tmp_path, blobs, "optim.weight_decay=lots")
+
+
+def test_schedule_epochs_follow_torchs_cosine_annealing_over_the_longer_span(tmp_path, blobs):
+    """optim.schedule_epochs: the official EMP-SSL run anneals with CosineAnnealingLR(T_max = 30 epochs of
+    steps, eta_min=0), stepped once per step, and its one-epoch result is the checkpoint after epoch 1. The
+    learning rates of a one-epoch run with a 3-epoch schedule equal torch's for those steps; without
+    schedule_epochs the schedule ends with the run."""
+    config = tiny_config(tmp_path, blobs, "optim.schedule_epochs=3", "optim.lr=0.3", "train.log_every=1")
+    train(config, progress_bar=False)
+    lrs = [json.loads(line)["lr"] for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = len(lrs)  # one epoch: 64 images / 8 per step
+    assert steps == 8
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=3 * steps, eta_min=0)
+    expected = []
+    for _ in range(steps):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx(expected, rel=1e-6)
+    assert lrs[-1] > 0.2  # 7 of 24 steps down the cosine, not annealed to zero
+    whole = tiny_config(tmp_path, blobs, "optim.lr=0.3", "train.log_every=1", "name=whole")
+    train(whole, progress_bar=False)
+    last = json.loads((whole.run_dir / "metrics.jsonl").read_text().splitlines()[-1])["lr"]
+    assert last == pytest.approx(0.3 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))

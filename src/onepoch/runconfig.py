@@ -86,6 +86,8 @@ class OptimConfig:
     trust_coefficient: float = 0.005
     warmup_steps: float = 0.0          # a step count, or a fraction of all steps when < 1
     final_lr_ratio: float = 0.0
+    schedule_epochs: float | None = None  # epochs the warmup-cosine schedule spans (null: train.epochs); the
+                                       # official EMP-SSL command anneals over 30 and reports each epoch's checkpoint
     norm_bias_lr_scale: float = 1.0    # lr multiplier of biases and norm parameters (Barlow Twins: 0.0048/0.2)
 
     def __post_init__(self):
@@ -94,6 +96,8 @@ class OptimConfig:
         for key in ("weight_decay", "momentum", "warmup_steps", "final_lr_ratio", "norm_bias_lr_scale"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"optim.{key} must be >= 0, got {getattr(self, key)}")
+        if self.schedule_epochs is not None and not (self.schedule_epochs > 0 and math.isfinite(self.schedule_epochs)):
+            raise ConfigError(f"optim.schedule_epochs must be a finite number > 0 or null, got {self.schedule_epochs}")
 
 
 @dataclass

@@ -496,6 +496,7 @@ class _Run:
     probe_opt: torch.optim.Optimizer | None
     loader: Any
     total_steps: int
+    schedule_steps: int        # the steps the learning-rate schedule spans (optim.schedule_epochs)
     warmup: int
     amp: bool
     channels_last: bool
@@ -580,9 +581,10 @@ def _build(config: RunConfig, world) -> _Run:
     loader = BatchLoader(split, per_rank, device=device, shuffle=True, drop_last=True, seed=config.seed,
                          rank=world.rank, world_size=world.size)
     total_steps = max(1, round(len(loader) * tc.epochs))
-    warmup = int(round(oc.warmup_steps * total_steps)) if oc.warmup_steps < 1 else int(oc.warmup_steps)
+    schedule_steps = total_steps if oc.schedule_epochs is None else max(1, round(len(loader) * oc.schedule_epochs))
+    warmup = int(round(oc.warmup_steps * schedule_steps)) if oc.warmup_steps < 1 else int(oc.warmup_steps)
     return _Run(config, world, device, split, specs, model, net, optimizer, probe, probe_net, probe_opt, loader,
-                total_steps, warmup, use_amp(tc.amp, device), use_cl)
+                total_steps, schedule_steps, warmup, use_amp(tc.amp, device), use_cl)
 
 
 def _snapshot(run: _Run, step: int) -> dict[str, Any]:
@@ -619,7 +621,7 @@ def _train_step(run: _Run, step: int, views: list[torch.Tensor], labels: torch.T
     from onepoch.optim import set_learning_rate, warmup_cosine
 
     oc = run.config.optim
-    lr = oc.lr * warmup_cosine(step, run.total_steps, run.warmup, oc.final_lr_ratio)
+    lr = oc.lr * warmup_cosine(step, run.schedule_steps, run.warmup, oc.final_lr_ratio)
     set_learning_rate(run.optimizer, lr)
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
         loss, parts, feats = run.net(views)
