@@ -322,6 +322,11 @@ def test_large_uint8_crops_resized_one_by_one_agree_with_the_resampling_matrices
         assert diff.mean() < 2 / 255 and diff.max() < 12 / 255, (interpolation, diff.mean(), diff.max())
 
 
+def full_scale_host_decodes(data, device):
+    """A host stand-in for a device decoder: each image's bytes decoded at full scale, (3, h, w) uint8."""
+    return [torch.from_numpy(np.array(decode_image(bytes(d.numpy())))).permute(2, 0, 1) for d in data]
+
+
 def test_a_device_decoder_gets_the_bytes_and_gives_the_full_scale_views(tmp_path):
     """The nvJPEG path's plumbing, with a host stand-in for the device decoder: every image's bytes go to
     it in order, and the views equal those rendered from full-scale decodes (no reduction)."""
@@ -334,7 +339,7 @@ def test_a_device_decoder_gets_the_bytes_and_gives_the_full_scale_views(tmp_path
 
     def fake_device_decode(data, device):
         seen.extend(bytes(d.numpy()) for d in data)
-        return [torch.from_numpy(np.array(decode_image(bytes(d.numpy())))).permute(2, 0, 1) for d in data]
+        return full_scale_host_decodes(data, device)
 
     with ThreadPoolExecutor(2) as pool:
         pending = start_encoded_views([EncodedBatch(images, np.arange(5), np.arange(5))], SPECS, 7, 2, pool,
@@ -396,9 +401,6 @@ def test_nvjpeg_views_while_the_training_stream_is_busy(tmp_path):
     spec = [ViewSpec(count=8, size=96, crop_scale=(0.25, 0.25), blur_p=0.5, solarize_p=0.2)]
     cuda = torch.device("cuda")
 
-    def host_decode(data, device):  # full scale, like nvJPEG
-        return [torch.from_numpy(np.array(decode_image(bytes(d.numpy())))).permute(2, 0, 1) for d in data]
-
     with ThreadPoolExecutor(4) as pool:
         for step in range(6):
             index = np.arange(64)[np.random.default_rng(step).permutation(64)[:32]]
@@ -409,8 +411,8 @@ def test_nvjpeg_views_while_the_training_stream_is_busy(tmp_path):
                 busy = busy @ busy.T / 4096
             del busy
             on_device = finish_encoded_views(ahead, spec, cuda)[0][0]
-            host = finish_encoded_views(start_encoded_views(batch, spec, 7, step, pool, device_decode=host_decode),
-                                        spec, cuda)[0][0]
+            host_pending = start_encoded_views(batch, spec, 7, step, pool, device_decode=full_scale_host_decodes)
+            host = finish_encoded_views(host_pending, spec, cuda)[0][0]
             torch.cuda.synchronize()
             assert torch.isfinite(on_device).all()
             assert (on_device - host).abs().mean() < 0.03
