@@ -174,10 +174,10 @@ def start_encoded_views(batches: list[EncodedBatch], specs: list, seed: int, fir
         for local, (i, factor) in enumerate(zip(batch.index, r)):
             views = []
             for g, spec in enumerate(specs):
-                rows = np.arange(spec.count) * counts[k] + local
-                first = group_offsets[g][k] + local  # the image's rows: strided by the step's batch size
+                rows = slice(local, spec.count * counts[k], counts[k])  # strided by the step's batch size
+                first = group_offsets[g][k] + local
                 target = outputs[g][first:first + (spec.count - 1) * counts[k] + 1:counts[k]]
-                views.append((target, params[k][g].rows(torch.from_numpy(rows)), spec))
+                views.append((target, params[k][g].rows(rows), spec))  # (views of the parameters, no copies)
             decodes.append(pool.submit(_decode_and_render, batch.images.encoded(int(i)), int(factor),
                                        f"image {int(i)}", full_sizes[image], views))
             image += 1

@@ -10,7 +10,9 @@ handful of batched tensor kernels (no per-sample Python loop, no PIL):
   ``out_c = Wy @ crop_c @ Wx^T``, with interpolation matrices per crop size (bilinear or bicubic,
   Pillow-style antialiasing when shrinking);
 * colour jitter (brightness, contrast, saturation, hue), grayscale, solarize, normalize: tensor
-  arithmetic over the whole batch; gaussian blur: two batched matrix products with per-view kernels.
+  arithmetic over the whole batch; gaussian blur: sums of shifted copies with per-view taps. On CPU,
+  with numba installed, RGB views go through the fused kernels of :mod:`onepoch.colour_kernels`
+  instead (one pass per view, the same results up to float rounding).
 
 The semantics follow torchvision's ``RandomResizedCrop``/``ColorJitter``/``RandomGrayscale`` on
 values in [0, 1] (clamped after each jitter op), with one documented difference: the four jitter
@@ -34,6 +36,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from onepoch import colour_kernels
 from onepoch.config import dataclass_from_dict, suggest
 from onepoch.errors import ConfigError
 
@@ -658,6 +661,70 @@ def _resize_views(src: torch.Tensor, host: ViewParams, rows: range, size: int, m
                           for j in rows])
 
 
+def _resize_dense(windows: torch.Tensor, plan: _Plan, s: int, e: int, scratch: _Scratch, out: torch.Tensor,
+                  gain: bool) -> None:
+    """Views ``s:e`` cut from ``windows`` (the strided (2B, H, W, C, Kh, Kw) windows of the padded float
+    sources) and resized into ``out`` (m, C, size, size) by two products, along the width
+    (``cols = crops @ wx``) then the height (``wy @ cols``); ``gain``: brightness and the uint8 scale
+    applied to the crops first (resizing is linear), else left to the caller."""
+    m, channels, size = e - s, out.shape[1], out.shape[-1]
+    kh, kw = windows.shape[-2:]
+    crops = windows[plan.source[s:e], plan.tops[s:e], plan.lefts[s:e]]  # (m, C, Kh, Kw), a copy
+    if gain:
+        crops.mul_(plan.gain[s:e].view(-1, 1, 1, 1))
+    cols = scratch.get("cols", m * channels, kh, size)
+    # When all crops have the same width the first product is one big GEMM with a shared matrix.
+    if plan.wx_index is None:
+        torch.mm(crops.view(-1, kw), plan.wx[0], out=cols.view(-1, size))
+    else:
+        torch.bmm(crops.view(m, channels * kh, kw), plan.wx.index_select(0, plan.wx_index[s:e]),
+                  out=cols.view(m, channels * kh, size))
+    if plan.wy_index is None:
+        rows = plan.wy[0].expand(m * channels, size, kh)
+    else:
+        rows = plan.wy.index_select(0, plan.wy_index[s:e].repeat_interleave(channels))
+    torch.bmm(rows, cols, out=out.view(-1, size, size))
+
+
+def _mask(sorted_rows: torch.Tensor, s: int, e: int) -> np.ndarray:
+    """(e - s,) booleans: which of the views s..e-1 are in a sorted index tensor (on the host)."""
+    mask = np.zeros(e - s, bool)
+    mask[sorted_rows[_rows_in(sorted_rows, s, e)].numpy() - s] = True
+    return mask
+
+
+def _fused_colour(views: torch.Tensor, x: torch.Tensor, plan: _Plan, spec: ViewSpec, s: int, e: int,
+                  radius: int) -> None:
+    """Views ``s:e`` of RGB ``views`` (resized, uint8 or float, brightness not applied) through the colour
+    ops, grayscale, blur, solarize and normalisation into ``x``, on CPU, by the fused kernel of
+    :mod:`onepoch.colour_kernels`; views too small for its blur (no larger than the radius) are blurred
+    and finished here, by the eager ops."""
+    jitter = spec.jitter_p > 0
+    blurred = _mask(plan.blur, s, e)
+    solarized = _mask(plan.solarize, s, e)
+    r = _rows_in(plan.blur, s, e)
+    in_kernel = blurred.any() and spec.size > radius
+    taps = None
+    if in_kernel:
+        taps = np.zeros((e - s, 2 * radius + 1), np.float32)
+        taps[blurred] = _gaussian_kernels(plan.blur_sigma[r], radius).numpy()
+    colour_kernels.render_colour(
+        views, x, gain=plan.gain[s:e],
+        contrast=plan.contrast[s:e] if jitter and spec.contrast > 0 else None,
+        saturation=plan.saturation[s:e] if jitter and spec.saturation > 0 else None,
+        hue=plan.hue[s:e] if jitter and spec.hue > 0 else None,
+        grayscale=_mask(plan.grayscale, s, e), blur_taps=taps, finish=~blurred | in_kernel, solarize=solarized,
+        threshold=spec.solarize_threshold, mean=spec.mean if spec.std is not None else None, std=spec.std)
+    if in_kernel or not blurred.any():
+        return
+    rows = torch.from_numpy(np.flatnonzero(blurred))
+    y = _blur(x.index_select(0, rows), plan.blur_sigma[r], radius)
+    _apply_rows_(y, torch.from_numpy(np.flatnonzero(solarized[blurred])), _solarize, spec.solarize_threshold)
+    if spec.mean is not None and spec.std is not None:
+        y.sub_(torch.tensor(spec.mean).view(1, -1, 1, 1)).mul_(1 / torch.tensor(spec.std).view(1, -1, 1, 1))
+    x.index_copy_(0, rows, y)
+
+
 def _rows_in(host_rows: torch.Tensor, start: int, end: int) -> slice:
     """The slice of a sorted index tensor that falls in [start, end) (bounds found on the host copy)."""
     lo, hi = np.searchsorted(host_rows.numpy(), (start, end))
@@ -743,31 +810,31 @@ def _render(images: torch.Tensor, params: ViewParams, spec: ViewSpec, *, dtype: 
                          f"views, got {tuple(out.shape)} {out.dtype} on {out.device}")
     in_place = dtype == torch.float32 and (per_view or out.is_contiguous())  # the dense path needs a flat x
     scratch = _thread_scratch(device)
+    fused = device.type == "cpu" and channels == 3 and colour_kernels.available()
     step = chunk or _default_chunk(device, channels * kh * kw * 4)
+    if fused and resized is not None and chunk is None:
+        step = max(1, n)  # the kernel works view by view in cache: one call for views already resized
     for s in range(0, n, step):
         e = min(n, s + step)
         m = e - s
         x = out[s:e] if in_place else scratch.get("x", m, channels, size, size)
+        if fused:  # resize into a buffer, then one fused kernel from there into x
+            if per_view:
+                views = (resized[s:e] if resized is not None else
+                         _resize_views(src, host, range(s, e), size, spec.interpolation))
+            else:
+                views = scratch.get("resized", m, channels, size, size)
+                _resize_dense(windows, plan, s, e, scratch, views, gain=False)
+            _fused_colour(views, x, plan, spec, s, e, radius)
+            if not in_place:
+                out[s:e].copy_(x)
+            continue
         if per_view:
             x.copy_(resized[s:e] if resized is not None else
                     _resize_views(src, host, range(s, e), size, spec.interpolation))
             x.mul_(plan.gain[s:e].view(-1, 1, 1, 1))  # brightness and the uint8 scale
         else:
-            crops = windows[plan.source[s:e], plan.tops[s:e], plan.lefts[s:e]]  # (m, C, Kh, Kw)
-            crops.mul_(plan.gain[s:e].view(-1, 1, 1, 1))  # brightness (resizing is linear)
-            cols = scratch.get("cols", m * channels, kh, size)
-            # Resize = two products: along the width (cols = crops @ wx), then the height (wy @ cols).
-            # When all crops have the same width the first is one big GEMM with a shared matrix.
-            if plan.wx_index is None:
-                torch.mm(crops.view(-1, kw), plan.wx[0], out=cols.view(-1, size))
-            else:
-                torch.bmm(crops.view(m, channels * kh, kw), plan.wx.index_select(0, plan.wx_index[s:e]),
-                          out=cols.view(m, channels * kh, size))
-            if plan.wy_index is None:
-                rows = plan.wy[0].expand(m * channels, size, kh)
-            else:
-                rows = plan.wy.index_select(0, plan.wy_index[s:e].repeat_interleave(channels))
-            torch.bmm(rows, cols, out=x.view(-1, size, size))
+            _resize_dense(windows, plan, s, e, scratch, x, gain=True)
         x.clamp_(0, 1)  # interpolation overshoot and brightness > 1
         if contrast:
             _adjust_contrast_(x, plan.contrast[s:e])
