@@ -645,8 +645,11 @@ def resize_view(image: torch.Tensor, crop: Any, flip: bool, size: int, mode: str
     ``size x size`` with antialiasing (uint8, as Pillow's resize gives: within 1-3 levels of it on
     photographs) and mirrored after resizing when ``flip`` (the same as resizing the mirrored crop)."""
     t, left, h, w = (int(v) for v in crop)
-    view = torch.nn.functional.interpolate(image[:, :, t:t + h, left:left + w], size=(size, size), mode=mode,
-                                           antialias=True)
+    # A crop copied into its own channels-last block resizes faster than the strided crop, with the same bytes
+    # out (bicubic, 20 crops of ~200 px on one thread: 2.1 against 4.4-8.8 ms to 96x96, 3.6 against 9.1-11.7 ms
+    # to 224x224; the whole 96x96 JPEG pipeline on one thread: 106-112 against 98-100 images/s).
+    cut = image[:, :, t:t + h, left:left + w].contiguous(memory_format=torch.channels_last)
+    view = torch.nn.functional.interpolate(cut, size=(size, size), mode=mode, antialias=True)
     return view.flip(-1) if flip else view
 
 
