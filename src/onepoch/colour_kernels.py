@@ -54,9 +54,10 @@ def available() -> bool:
         raise ConfigError(f"ONEPOCH_CPU_KERNELS={choice!r} is not one of {', '.join(CHOICES)}")
     if choice == "torch":
         return False
-    if _compiled() is None and choice == "numba":
+    loaded = _compiled() is not None
+    if not loaded and choice == "numba":
         raise ConfigError('ONEPOCH_CPU_KERNELS=numba but numba is not installed: pip install "onepoch[fast]"')
-    return _compiled() is not None
+    return loaded
 
 
 def _compiled() -> Any:
@@ -77,8 +78,8 @@ def render_colour(src: torch.Tensor, out: torch.Tensor, *, gain: torch.Tensor, c
                   blur_taps: np.ndarray | None, finish: np.ndarray, solarize: np.ndarray, threshold: float,
                   mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
     """Write the colour ops of ``m`` square RGB views ``src`` (``(m, 3, s, s)``, uint8 or float32 on CPU; copied
-    first unless each view is contiguous) into ``out`` (``(m, 3, h, w)`` float32, each view contiguous, not overlapping
-    ``src``). Per view: ``gain``, ``contrast``, ``saturation``, ``hue`` (float32 ``(m,)``; None: that op
+    first unless each view is contiguous) into ``out`` (``(m, 3, s, s)`` float32, each view contiguous, not
+    overlapping ``src``). Per view: ``gain``, ``contrast``, ``saturation``, ``hue`` (float32 ``(m,)``; None: that op
     is off), boolean ``grayscale``, ``blur_taps`` (``(m, 2r + 1)`` float32 gaussian taps, a row of zeros
     for a view not blurred; None: none is; ``r`` under the views' side), and ``finish``
     (solarize when ``solarize``, then normalise by ``mean``/``std`` when given; the views not finished
