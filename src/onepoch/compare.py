@@ -20,7 +20,8 @@ trained with ``onepoch.train`` and evaluated with ``onepoch.eval``; its summary 
 another protocol: evaluated again, not retrained); a cell with a run directory but no ``cell.json``
 is resumed from its last checkpoint. So a killed compare, run again, does only the cells not yet done.
 Cells run cheapest budget first (every method at the smallest budget, then the next), so a comparison
-that spans several sittings has its first complete table early.
+that spans several sittings has its first complete table early. Each cell runs under a lock, so
+several processes started with the same command share the cells (one per core or per GPU).
 
 Budgets: ``epochs`` sets ``train.epochs``; ``patch_passes`` P gives every method P / (views per
 image) epochs (the same number of view images through the backbone; views of different sizes count
@@ -526,34 +527,59 @@ def write_report(config: CompareConfig, summaries: list[dict[str, Any]], *, comm
     return report
 
 
+def _finished(done: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary in ``done`` (a cell.json) if it exists and was evaluated under ``protocol``."""
+    if not done.exists():
+        return None
+    summary = json.loads(done.read_text(encoding="utf-8"))
+    return summary if summary.get("eval") == protocol else None
+
+
 def run_compare(config: CompareConfig, *, command: str = "", fmt: str = "png", log=print) -> dict[str, Any]:
     """Run every cell not yet done, then write compare.json, compare.md and the plots (``fmt``: png,
-    svg or pdf); after each cell, the report and plots of the cells so far."""
+    svg or pdf); after each cell, the report and plots of the cells so far.
+
+    Each cell is run under a lock (``<dir>/locks/<cell>.lock``, see ``onepoch.cell_lock``): a cell that
+    another live process is running is skipped, so several processes can share one comparison (one
+    per core, or per GPU). The report includes a skipped cell if it has finished by the end.
+    """
+    from onepoch.cell_lock import cell_lock, describe_owner
+
     config.dir.mkdir(parents=True, exist_ok=True)
     cells = plan_cells(config)
-    total = len(cells) + (len(config.seeds) if config.random_init else 0)
+    protocol = eval_protocol(config)
+    jobs = [(f"random_init_seed{seed}", config.dir / f"random_init_seed{seed}" / "cell.json",
+             lambda seed=seed: run_random_init(config, seed, log=log)) for seed in (config.seeds if config.random_init else ())]
+    jobs += [(cell.key, cell.run_dir / "cell.json", lambda cell=cell: run_cell(config, cell, log=log)) for cell in cells]
     log(f"comparison {config.name}: {len(cells)} cell(s) ({len(method_entries(config))} method(s), their budgets, "
         f"{len(config.seeds)} seed(s)) in {config.dir}")
     t0 = time.perf_counter()
-    summaries = []
-    step = 0
-    if config.random_init:  # cheap (evaluation only) and every table's floor: first
-        for seed in config.seeds:
-            step += 1
-            log(f"[{step}/{total}] random init, seed {seed}")
-            summaries.append(run_random_init(config, seed, log=log))
-    for cell in cells:
-        step += 1
-        state = "done" if (cell.run_dir / "cell.json").exists() else "to do"
-        log(f"[{step}/{total}] {cell.key} ({state})")
-        summaries.append(run_cell(config, cell, log=log))
-        if step < total:  # the table and figures so far, for a comparison that spans several sittings
-            write_report(config, summaries, command=command, seconds=time.perf_counter() - t0)
-            write_plots(config, summaries, fmt)
+    summaries: list[dict[str, Any] | None] = [None] * len(jobs)
+    for index, (key, done, run) in enumerate(jobs):
+        with cell_lock(config.dir / "locks" / f"{key}.lock") as owner:
+            if owner is not None:
+                log(f"[{index + 1}/{len(jobs)}] {key}: being run by {describe_owner(owner)}; skipped")
+                continue
+            log(f"[{index + 1}/{len(jobs)}] {key} ({'done' if done.exists() else 'to do'})")
+            summaries[index] = run()
+        if index + 1 < len(jobs):  # the table and figures so far, for a comparison that spans several sittings
+            so_far = [s for s in summaries if s is not None]
+            write_report(config, so_far, command=command, seconds=time.perf_counter() - t0)
+            write_plots(config, so_far, fmt)
+    missing = []
+    for index, (key, done, _) in enumerate(jobs):
+        if summaries[index] is None:
+            summaries[index] = _finished(done, protocol)
+            if summaries[index] is None:
+                missing.append(key)
+    summaries = [s for s in summaries if s is not None]
     report = write_report(config, summaries, command=command, seconds=time.perf_counter() - t0)
     markdown = format_markdown(config, summaries, command=command)
     plots = write_plots(config, summaries, fmt)
     log("")
     log(markdown)
     log(f"wrote {config.dir / 'compare.md'}, compare.json and {len(plots)} plot(s)")
+    if missing:
+        log(f"{len(missing)} cell(s) still running in other processes ({', '.join(missing)}): run the same "
+            f"command again when they finish for the complete tables")
     return report
