@@ -227,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=224, help="view size in pixels (default 224; 96 for STL-10)")
     ap.add_argument("--batches", type=int, default=4, help="batches timed per pipeline (default 4; keep it a multiple "
                     "of --workers, or the per-sample pipeline is timed with idle workers at the end)")
-    ap.add_argument("--warmup", type=int, default=2, help="batches delivered before the timing starts, so that "
-                    "each pipeline is measured in its steady state: workers started, buffers reused (default 2)")
+    ap.add_argument("--warmup", type=int, default=3, help="batches delivered before the timing starts, so that "
+                    "each pipeline is measured in its steady state: workers started, buffers reused (default 3: "
+                    "onepoch renders a batch into the buffers of the batch delivered before the previous one, "
+                    "as the trainer does, so fresh memory is first written again by the 4th batch)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the per-sample pipeline (default 2)")
     ap.add_argument("--threads", type=int, default=0, help="onepoch's decode threads (default: one per core)")
     ap.add_argument("--device", default="cpu", help="where onepoch renders the views: cpu (default) or cuda "

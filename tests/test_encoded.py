@@ -246,6 +246,28 @@ def test_rendering_into_an_earlier_calls_buffers_gives_the_same_views(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(views, five))
 
 
+def test_colour_tasks_split_across_steps_and_chunks_give_the_same_views(tmp_path, monkeypatch):
+    """Several steps per call and colour tasks of a few views (chunk edges inside a step, across views of
+    one image): the same views as one step per call, each rendered whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import onepoch.encoded_views as encoded_views
+
+    out = prepare(tmp_path / "ds", jpeg_records(9, 0, 30, 200), jpeg_records(2, 1))
+    images = open_split(out, "train").images
+    alone = [step_views(images, range(4 * k, 4 * k + 4), threads=2, first_step=3 + k, in_pool=True) for k in (0, 1)]
+    alone.append(step_views(images, [8], threads=2, first_step=5, in_pool=True))
+    monkeypatch.setattr(encoded_views, "RENDER_CHUNK", 5)  # 12 and 8 views per step: chunks of 5, 5, 2 and 5, 3
+    batches = [EncodedBatch(images, np.arange(4 * k, 4 * k + 4), np.arange(4 * k, 4 * k + 4)) for k in (0, 1)]
+    batches.append(EncodedBatch(images, np.array([8]), np.array([8])))
+    with ThreadPoolExecutor(3) as pool:
+        pending = start_encoded_views(batches, SPECS, 7, 3, pool, render_in_pool=True)
+        together = finish_encoded_views(pending, SPECS, torch.device("cpu"))
+    assert len(pending.decodes) == 9 + (3 + 2) + (3 + 2) + (1 + 1)   # image tasks, then colour tasks per step
+    for step_alone, step_together in zip(alone, together):
+        assert all(torch.equal(a, b) for a, b in zip(step_alone, step_together))
+
+
 def test_at_full_scale_the_views_are_the_batched_views_of_the_decoded_images(tmp_path):
     """Images of one size too small for any reduction: decode-once views must equal onepoch.views
     rendering the fully decoded images with the same random parameters."""

@@ -76,6 +76,7 @@ class PendingViews:
     encoded: list[torch.Tensor] | None = None  # the images' bytes for a device decoder
     device_decode: Callable | None = None
     outputs: list[torch.Tensor] | None = None  # per group, the float32 views the pool tasks render (CPU)
+    resized: list[torch.Tensor] | None = None  # per group, their uint8 crops resized, before the colour ops
 
 
 DeviceDecoder = Callable[[list[torch.Tensor], torch.device], list[torch.Tensor]]
@@ -123,15 +124,15 @@ def start_encoded_views(batches: list[EncodedBatch], specs: list, seed: int, fir
     the module docstring), or leave them to ``device_decode`` (full scale, in
     :func:`finish_encoded_views`, which renders them).
 
-    ``render_in_pool`` (for views rendered on the CPU): each pool task also renders its image's views
-    completely, on one torch thread: cut and resized one at a time (:func:`onepoch.views.resize_view`),
-    then the colour ops, blur, solarize and normalisation (:func:`onepoch.views.apply_view_params`),
-    written into their rows of a float32 output per group. All the per-image work then runs in the
-    pool, off the training thread, in cache, with no threads waiting on each other. ``reuse``: earlier
-    pending views whose rendered views are no longer used (in the trainer, the call before the one
-    training now): their output buffers are written again where the shapes match, instead of fresh
-    memory, whose page faults cost ~0.4 s per 2000 views of 224x224. Those earlier views are
-    overwritten."""
+    ``render_in_pool`` (for views rendered on the CPU): all the views are rendered in the pool, off the
+    training thread, on one torch thread per task. One task per image decodes it, then cuts and resizes
+    its views one at a time (:func:`onepoch.views.resize_view`) into their rows of a uint8 buffer per
+    group; once a step's images are done, tasks of ``RENDER_CHUNK`` consecutive views each apply the
+    colour ops, blur, solarize and normalisation (:func:`onepoch.views.apply_view_params`) into a float32
+    output per group. ``reuse``: earlier pending views whose rendered views are no longer used (in the
+    trainer, the call before the one training now): their buffers are written again where the shapes
+    match, instead of fresh memory, whose page faults cost ~0.4 s per 2000 views of 224x224. Those
+    earlier views are overwritten."""
     params: list[list[ViewParams]] = []
     counts = [len(b.index) for b in batches]
     reduce = []  # per step: each image's decode reduction, the smallest over its groups' crops
@@ -163,30 +164,54 @@ def start_encoded_views(batches: list[EncodedBatch], specs: list, seed: int, fir
     # Each image's views in every group (patch-major: view v of image b is row v*n + b of its step), and
     # their rows in the group's views stacked over the steps, where its pool task writes them.
     group_offsets = [np.cumsum([0] + [spec.count * n for n in counts[:-1]]) for spec in specs]
-    old_outputs = reuse.outputs if reuse is not None and reuse.outputs is not None else []
-    outputs = []
-    for g, spec in enumerate(specs):
-        shape = (spec.count * sum(counts), 3, spec.size, spec.size)
-        out = old_outputs[g] if g < len(old_outputs) else None
-        outputs.append(out if out is not None and tuple(out.shape) == shape else torch.empty(shape))
+    resized = _buffers(specs, sum(counts), torch.uint8, reuse.resized if reuse is not None else None)
+    outputs = _buffers(specs, sum(counts), torch.float32, reuse.outputs if reuse is not None else None)
     image = 0
     for k, (batch, r) in enumerate(zip(batches, reduce)):
+        step_decodes = []
         for local, (i, factor) in enumerate(zip(batch.index, r)):
             views = []
             for g, spec in enumerate(specs):
                 rows = slice(local, spec.count * counts[k], counts[k])  # strided by the step's batch size
                 first = group_offsets[g][k] + local
-                target = outputs[g][first:first + (spec.count - 1) * counts[k] + 1:counts[k]]
+                target = resized[g][first:first + (spec.count - 1) * counts[k] + 1:counts[k]]
                 views.append((target, params[k][g].rows(rows), spec))  # (views of the parameters, no copies)
-            decodes.append(pool.submit(_decode_and_render, batch.images.encoded(int(i)), int(factor),
-                                       f"image {int(i)}", full_sizes[image], views))
+            step_decodes.append(pool.submit(_decode_and_resize, batch.images.encoded(int(i)), int(factor),
+                                            f"image {int(i)}", full_sizes[image], views))
             image += 1
-    return PendingViews(params, counts, full_sizes, decodes, outputs=outputs)
+        decodes += step_decodes
+        # the colour ops of the step's views, in chunks of consecutive rows, once its images are resized:
+        # one kernel call for many views (per image, the call's own cost was ~30 % of 20 views of 96x96)
+        for g, spec in enumerate(specs):
+            first, rows = group_offsets[g][k], spec.count * counts[k]
+            for a in range(0, rows, RENDER_CHUNK):
+                b = min(rows, a + RENDER_CHUNK)
+                decodes.append(pool.submit(_render_resized, step_decodes, resized[g][first + a:first + b],
+                                           params[k][g].rows(slice(a, b)), spec, outputs[g][first + a:first + b]))
+    return PendingViews(params, counts, full_sizes, decodes, outputs=outputs, resized=resized)
 
 
-def _decode_and_render(data: Any, reduce: int, name: str, full_size: np.ndarray, views: list) -> None:
-    """Decode one image at 1/``reduce`` and render each of its views into its rows of its group's float32
-    output: ``views`` holds per group (those rows (count, 3, s, s), the views' parameters, spec)."""
+# Views per colour task of the pool (CPU training path): enough that a kernel call's fixed cost is small,
+# few enough that the pool's threads share a step's views evenly (2000 views per step: 8 tasks).
+RENDER_CHUNK = 256
+
+
+def _buffers(specs: list, images: int, dtype: torch.dtype, old: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """Per group, a ``(count * images, 3, size, size)`` tensor of ``dtype``: the group's buffer in ``old``
+    where its shape matches, else fresh memory."""
+    old = old or []
+    out = []
+    for g, spec in enumerate(specs):
+        shape = (spec.count * images, 3, spec.size, spec.size)
+        buffer = old[g] if g < len(old) else None
+        out.append(buffer if buffer is not None and tuple(buffer.shape) == shape and buffer.dtype == dtype
+                   else torch.empty(shape, dtype=dtype))
+    return out
+
+
+def _decode_and_resize(data: Any, reduce: int, name: str, full_size: np.ndarray, views: list) -> None:
+    """Decode one image at 1/``reduce``, then cut and resize each of its views into its rows of its group's
+    uint8 buffer: ``views`` holds per group (those rows (count, 3, s, s), the views' parameters, spec)."""
     decoded = decode_image(data, reduce, name)
     source = torch.from_numpy(np.array(decoded)).permute(2, 0, 1)[None]
     sizes = np.array(decoded.shape[:2])[None]
@@ -194,9 +219,18 @@ def _decode_and_render(data: Any, reduce: int, name: str, full_size: np.ndarray,
         for out, params, spec in views:
             k = out.shape[0]
             moved = scale_crops(params.crop.numpy(), np.broadcast_to(full_size, (k, 2)), np.broadcast_to(sizes, (k, 2)))
-            resized = torch.cat([resize_view(source, c, bool(f), spec.size, spec.interpolation)
-                                 for c, f in zip(moved, params.flip.numpy())])
-            apply_view_params(resized.permute(0, 2, 3, 1), params, spec, resized=resized, out=out)
+            for row, crop, flip in zip(out, moved, params.flip.numpy()):
+                row.copy_(resize_view(source, crop, bool(flip), spec.size, spec.interpolation)[0])
+
+
+def _render_resized(resized_by: list[Future], resized: torch.Tensor, params: ViewParams, spec: Any,
+                    out: torch.Tensor) -> None:
+    """Once the futures ``resized_by`` are done, the colour ops, blur, solarize and normalisation of the
+    views ``resized`` (uint8 (m, 3, s, s)) into ``out`` (float32, the same shape)."""
+    for f in resized_by:
+        f.result()
+    with one_torch_thread():
+        apply_view_params(resized.permute(0, 2, 3, 1), params, spec, resized=resized, out=out)
 
 
 def _device_canvas(pending: PendingViews, device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
