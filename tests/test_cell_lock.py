@@ -96,3 +96,36 @@ def test_compare_skips_cells_another_process_runs_and_reports_them_when_done(tmp
         report = compare.run_compare(config, log=lines.append)
     assert ran == ["simclr_ep1_seed0"]
     assert report["complete"] and [c["key"] for c in report["cells"]] == ["emp_ssl_ep1_seed0", "simclr_ep1_seed0"]
+
+
+def test_a_calibration_waits_for_the_one_another_process_is_running(tmp_path, monkeypatch):
+    import threading
+
+    import onepoch.compare as compare
+
+    path = write_recipe(tmp_path, tmp_path, budget="seconds", budgets=[60], seeds=[0], random_init=False)
+    config = load_compare_config(path)
+    cell = compare.plan_cells(config)[1]
+    runs = []
+    monkeypatch.setattr(compare, "_run_calibration", lambda *a: runs.append(a) or 9.0)
+    held, release = threading.Event(), threading.Event()
+
+    def other_process():  # holds the calibration lock, measures the same method, writes its entry
+        with cell_lock(config.dir / "locks" / "calibration.lock", wait=True):
+            held.set()
+            release.wait(30)
+            (config.dir / "calibration.json").write_text(json.dumps({cell.label: {"seconds_per_step": 0.5}}))
+
+    other = threading.Thread(target=other_process)
+    other.start()
+    assert held.wait(30)
+    result = []
+    mine = threading.Thread(target=lambda: result.append(compare._calibrate(config, cell, print)))
+    mine.start()
+    mine.join(0.5)
+    assert mine.is_alive() and not result          # waiting for the lock, not measuring on its own
+    release.set()
+    mine.join(30)
+    other.join(30)
+    assert result == [0.5] and runs == []            # the other's measurement, read under the lock
+    assert compare._calibrate(config, compare.plan_cells(config)[0], print) == 9.0 and len(runs) == 1

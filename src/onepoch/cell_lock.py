@@ -34,9 +34,10 @@ def _owner(fd: int) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def cell_lock(path: Path) -> Iterator[dict[str, Any] | None]:
+def cell_lock(path: Path, *, wait: bool = False) -> Iterator[dict[str, Any] | None]:
     """``with cell_lock(path) as owner``: ``owner`` is None when this process holds the lock for the
-    block (released at its end), else the record (host, pid) of the process that holds it."""
+    block (released at its end), else the record (host, pid) of the process that holds it. ``wait``:
+    block until the lock is free instead (``owner`` is then always None)."""
     if fcntl is None:
         yield None
         return
@@ -44,7 +45,7 @@ def cell_lock(path: Path) -> Iterator[dict[str, Any] | None]:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             yield _owner(fd)
             return

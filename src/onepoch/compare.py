@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from onepoch.atomic import atomic_write_text
+from onepoch.cell_lock import cell_lock, describe_owner
 from onepoch.config import dataclass_from_dict
 from onepoch.errors import ConfigError
 from onepoch.runconfig import views_per_image
@@ -243,13 +244,22 @@ def train_seconds(metrics_path: Path, patches_per_step: int) -> float:
 
 def _calibrate(config: CompareConfig, cell: Cell, log) -> float:
     """Seconds per step of a cell's method, measured once per method and kept in calibration.json."""
+    path = config.dir / "calibration.json"
+    # Under a lock shared by the processes running this comparison: two writing the file at once would
+    # lose one's entry, and a cell resumed later would get other epochs from a second calibration.
+    with cell_lock(config.dir / "locks" / "calibration.lock", wait=True):
+        known = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        if cell.label in known:
+            return float(known[cell.label]["seconds_per_step"])
+        return _run_calibration(config, cell, known, log)
+
+
+def _run_calibration(config: CompareConfig, cell: Cell, known: dict[str, Any], log) -> float:
+    """Measure ``cell``'s method's seconds per step and add it to calibration.json (holding ``known``)."""
     from onepoch.runconfig import load_config
     from onepoch.train import train
 
     path = config.dir / "calibration.json"
-    known = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    if cell.label in known:
-        return float(known[cell.label]["seconds_per_step"])
     scratch = config.dir / "_calibration"
     shutil.rmtree(scratch / cell.label, ignore_errors=True)
     run_config = load_config(cell.recipe, [*cell.overrides, f"train.out={scratch}", f"name={cell.label}",
@@ -543,8 +553,6 @@ def run_compare(config: CompareConfig, *, command: str = "", fmt: str = "png", l
     another live process is running is skipped, so several processes can share one comparison (one
     per core, or per GPU). The report includes a skipped cell if it has finished by the end.
     """
-    from onepoch.cell_lock import cell_lock, describe_owner
-
     config.dir.mkdir(parents=True, exist_ok=True)
     cells = plan_cells(config)
     protocol = eval_protocol(config)
