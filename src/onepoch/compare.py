@@ -545,6 +545,14 @@ def _finished(done: Path, protocol: dict[str, Any]) -> dict[str, Any] | None:
     return summary if summary.get("eval") == protocol else None
 
 
+def _with_finished(jobs: list, summaries: list[dict[str, Any] | None],
+                   protocol: dict[str, Any]) -> list[dict[str, Any] | None]:
+    """Per job, the summary of the cell this process ran, else of the cell finished on disk (by another
+    process, or in an earlier sitting), else None."""
+    return [summaries[i] if summaries[i] is not None else _finished(done, protocol)
+            for i, (_, done, _) in enumerate(jobs)]
+
+
 def run_compare(config: CompareConfig, *, command: str = "", fmt: str = "png", log=print) -> dict[str, Any]:
     """Run every cell not yet done, then write compare.json, compare.md and the plots (``fmt``: png,
     svg or pdf); after each cell, the report and plots of the cells so far.
@@ -571,15 +579,11 @@ def run_compare(config: CompareConfig, *, command: str = "", fmt: str = "png", l
             log(f"[{index + 1}/{len(jobs)}] {key} ({'done' if done.exists() else 'to do'})")
             summaries[index] = run()
         if index + 1 < len(jobs):  # the table and figures so far, for a comparison that spans several sittings
-            so_far = [s for s in summaries if s is not None]
+            so_far = [s for s in _with_finished(jobs, summaries, protocol) if s is not None]
             write_report(config, so_far, command=command, seconds=time.perf_counter() - t0)
             write_plots(config, so_far, fmt)
-    missing = []
-    for index, (key, done, _) in enumerate(jobs):
-        if summaries[index] is None:
-            summaries[index] = _finished(done, protocol)
-            if summaries[index] is None:
-                missing.append(key)
+    summaries = _with_finished(jobs, summaries, protocol)
+    missing = [key for (key, _, _), summary in zip(jobs, summaries) if summary is None]
     summaries = [s for s in summaries if s is not None]
     report = write_report(config, summaries, command=command, seconds=time.perf_counter() - t0)
     markdown = format_markdown(config, summaries, command=command)
