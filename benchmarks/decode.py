@@ -10,8 +10,9 @@ normalised), delivered as one float tensor. Pipelines:
   (``onepoch.encoded_views``);
 * **decode per view** (what FFCV-SSL's loader does): each view decodes its JPEG again, at full scale,
   then the same batched rendering;
-* **onepoch, eager colour ops**: the same, with ``ONEPOCH_CPU_KERNELS=torch`` (only when numba is
-  installed: then the row above uses the fused kernels of ``onepoch.colour_kernels``);
+* **onepoch without the fast extra**: the same, with ``ONEPOCH_CPU_KERNELS=torch`` and
+  ``ONEPOCH_JPEG_DECODER=pillow`` (only when the ``fast`` extra is installed: then the row above uses the
+  fused kernels of ``onepoch.colour_kernels`` and simplejpeg's decoder);
 * **per-sample** (what EMP-SSL's code does): a torch DataLoader with ``--workers`` worker processes,
   each image decoded once with Pillow, then one crop + jitter chain per view in Pillow, stacked.
 
@@ -46,13 +47,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 from views import _pil_hue  # noqa: E402  (the Pillow hue op of the views benchmark)
 
 from onepoch import colour_kernels  # noqa: E402
-from onepoch.data.encoded import EncodedSource, decode_image, pad_into_canvas  # noqa: E402
+from onepoch.data.encoded import EncodedSource, decode_image, jpeg_decoder, pad_into_canvas  # noqa: E402
 from onepoch.data.prepared import SourceData, open_split, write_prepared  # noqa: E402
 from onepoch.encoded_views import EncodedBatch, finish_encoded_views, start_encoded_views  # noqa: E402
 from onepoch.views import ViewSpec, apply_view_params, sample_view_params, seeded_generator  # noqa: E402
 
 MEAN = STD = (0.5, 0.5, 0.5)
-EAGER_ROW = "onepoch, eager colour ops (no numba)"
+PLAIN_ROW = "onepoch without the fast extra"
 
 
 def emp_ssl_imagenet_spec(size: int, views: int) -> ViewSpec:
@@ -261,12 +262,16 @@ def main(argv: list[str] | None = None) -> int:
         rows = [("per-sample (DataLoader, Pillow)", time_per_sample(jpegs, args.batch, spec, args.workers, w)),
                 ("decode per view (FFCV-SSL style)", time_decode_per_view(images, batches, spec, threads, w)),
                 ("onepoch: decode once, crop many", time_onepoch(images, batches, spec, threads, w))]
-        if colour_kernels.available():  # the same pipeline with the eager torch colour ops numba replaces
-            os.environ["ONEPOCH_CPU_KERNELS"] = "torch"
+        fast = {"ONEPOCH_CPU_KERNELS": "torch"} if colour_kernels.available() else {}
+        if jpeg_decoder() == "simplejpeg":
+            fast["ONEPOCH_JPEG_DECODER"] = "pillow"
+        if fast:  # the same pipeline with what the fast extra replaces: eager torch colour ops, Pillow decoding
+            os.environ.update(fast)
             try:
-                rows.append((EAGER_ROW, time_onepoch(images, batches, spec, threads, w)))
+                rows.append((PLAIN_ROW, time_onepoch(images, batches, spec, threads, w)))
             finally:
-                os.environ.pop("ONEPOCH_CPU_KERNELS")
+                for name in fast:
+                    os.environ.pop(name)
         device = torch.device(args.device)
         if device.type == "cuda":
             from onepoch.encoded_views import device_jpeg_decoder
@@ -275,11 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     timed = args.batch * args.batches
     rates = {label: timed / seconds for label, seconds in rows}
     ref = rates["per-sample (DataLoader, Pillow)"]
-    kernels = "numba kernels" if EAGER_ROW in rates else "eager torch"
+    kernels = "numba kernels" if colour_kernels.available() else "eager torch"
     print(f"{args.batches} batches (after {args.warmup} to warm up) of {args.batch} images x {args.views} views of {args.size}x{args.size} "
           f"(EMP-SSL ImageNet recipe) from {source} JPEGs, on CPU ({os.cpu_count()} cores; onepoch: {threads} "
-          f"decode threads, {torch.get_num_threads()} torch threads, colour ops: {kernels}; per-sample: "
-          f"{args.workers} workers); torch {torch.__version__}")
+          f"decode threads, {torch.get_num_threads()} torch threads, colour ops: {kernels}, JPEG decoder: "
+          f"{jpeg_decoder()}; per-sample: {args.workers} workers); torch {torch.__version__}")
     print(f"{'pipeline':36s} {'images/s':>10s} {'vs per-sample':>14s}")
     for label, rate in rates.items():
         print(f"{label:36s} {rate:10.1f} {rate / ref:13.2f}x")
@@ -287,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"source": source, "batch": args.batch, "views": args.views, "size": args.size,
                        "batches": args.batches, "warmup": args.warmup, "workers": args.workers, "threads": threads,
-                       "device": args.device, "colour_ops": kernels, "images_per_s": rates,
+                       "device": args.device, "colour_ops": kernels, "jpeg_decoder": jpeg_decoder(),
+                       "images_per_s": rates,
                        "ratio_vs_per_sample": rates["onepoch: decode once, crop many"] / ref},
                       f, indent=2)
     return 0

@@ -9,8 +9,10 @@ import torch
 from PIL import Image, ImageOps
 
 from onepoch.data.encoded import (
+    REDUCTIONS,
     EncodedSource,
     decode_image,
+    jpeg_decoder,
     normalize_image,
     pad_into_canvas,
     reduction_for,
@@ -20,7 +22,7 @@ from onepoch.data.encoded import (
 from onepoch.data.loader import BatchLoader
 from onepoch.data.prepared import SourceData, open_split, write_prepared
 from onepoch.encoded_views import EncodedBatch, finish_encoded_views, start_encoded_views
-from onepoch.errors import DataError
+from onepoch.errors import ConfigError, DataError
 from onepoch.views import ViewSpec, apply_view_params, sample_view_params, seeded_generator
 
 
@@ -102,6 +104,49 @@ def test_other_images_are_stored_as_upright_rgb_jpegs(kind):
         assert (h, w) == (64, 48)                                   # upright: width and height swapped
     diff = np.abs(np.asarray(decoded, np.int16) - np.asarray(expected, np.int16))
     assert diff.mean() < 4, diff.mean()     # one JPEG encode at quality 95 away (measured 0.5-3.1; a wrong turn or colour: > 20)
+
+
+@pytest.mark.parametrize("decoder", ["pillow", "simplejpeg"])
+def test_both_jpeg_decoders_give_pillows_pixels_at_every_scale(decoder, monkeypatch):
+    """simplejpeg (the `fast` extra) against Pillow's own decode and draft, an independent reference: baseline
+    and progressive, 4:2:0 / 4:2:2 / 4:4:4, gray, odd sizes, and images under 8 pixels (left to Pillow)."""
+    if decoder == "simplejpeg":
+        pytest.importorskip("simplejpeg")
+    monkeypatch.setenv("ONEPOCH_JPEG_DECODER", decoder)
+    assert jpeg_decoder() == decoder
+    rng = np.random.default_rng(3)
+    cases = [("RGB", 75, 101, {}), ("L", 75, 101, {}), ("RGB", 64, 48, {"progressive": True}),
+             ("RGB", 37, 53, {"subsampling": 0}), ("RGB", 37, 53, {"subsampling": 1}), ("L", 33, 17, {"progressive": True}),
+             ("RGB", 6, 9, {}), ("RGB", 9, 40, {})]
+    for mode, h, w, kw in cases:
+        data = encode(photo(rng, h, w, mode), quality=90, **kw)
+        for r in (r for r in REDUCTIONS if min(h, w) // r >= 1):
+            ref = Image.open(io.BytesIO(data))
+            if r > 1:
+                ref.draft(ref.mode, (w // r, h // r))
+            ref = np.asarray(ref.convert("RGB"))
+            got = decode_image(memoryview(data), r)
+            assert got.shape == (-(-h // r), -(-w // r), 3) and got.dtype == np.uint8, (mode, h, w, kw, r)
+            assert np.array_equal(got, ref), (mode, h, w, kw, r)
+        with pytest.raises(DataError, match=r"^images/7\.jpg: ") as e:      # damaged after it was stored
+            decode_image(data[: len(data) // 2], 2, "images/7.jpg")
+        assert "\n" not in str(e.value)
+
+
+def test_the_jpeg_decoder_switch(monkeypatch):
+    import onepoch.data.encoded as encoded
+
+    monkeypatch.setenv("ONEPOCH_JPEG_DECODER", "libjpeg")
+    with pytest.raises(ConfigError, match="ONEPOCH_JPEG_DECODER='libjpeg' is not one of auto, simplejpeg, pillow"):
+        jpeg_decoder()
+    monkeypatch.setattr(encoded, "_simplejpeg", lambda: None)     # not installed
+    monkeypatch.setenv("ONEPOCH_JPEG_DECODER", "simplejpeg")
+    with pytest.raises(ConfigError, match=r'pip install "onepoch\[fast\]"'):
+        jpeg_decoder()
+    monkeypatch.setenv("ONEPOCH_JPEG_DECODER", "auto")
+    assert jpeg_decoder() == "pillow"
+    data = encode(photo(np.random.default_rng(4), 40, 40), quality=90)
+    assert decode_image(data, 2).shape == (20, 20, 3)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
