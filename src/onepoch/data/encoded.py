@@ -26,6 +26,7 @@ smallest scale its crops need, and render all its views from that one decode.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -106,7 +107,9 @@ def jpeg_decoder() -> str:
     return "simplejpeg"
 
 
+@functools.lru_cache(maxsize=None)
 def _simplejpeg() -> Any:
+    """The simplejpeg module, or None when it does not import (tried once per process)."""
     try:
         import simplejpeg
     except ImportError:
