@@ -251,15 +251,14 @@ def _calibrate(config: CompareConfig, cell: Cell, log) -> float:
         known = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         if cell.label in known:
             return float(known[cell.label]["seconds_per_step"])
-        return _run_calibration(config, cell, known, log)
+        return _run_calibration(config, cell, path, known, log)
 
 
-def _run_calibration(config: CompareConfig, cell: Cell, known: dict[str, Any], log) -> float:
-    """Measure ``cell``'s method's seconds per step and add it to calibration.json (holding ``known``)."""
+def _run_calibration(config: CompareConfig, cell: Cell, path: Path, known: dict[str, Any], log) -> float:
+    """Measure ``cell``'s method's seconds per step and add it to ``path`` (calibration.json, holding ``known``)."""
     from onepoch.runconfig import load_config
     from onepoch.train import train
 
-    path = config.dir / "calibration.json"
     scratch = config.dir / "_calibration"
     shutil.rmtree(scratch / cell.label, ignore_errors=True)
     run_config = load_config(cell.recipe, [*cell.overrides, f"train.out={scratch}", f"name={cell.label}",
@@ -306,10 +305,10 @@ def run_cell(config: CompareConfig, cell: Cell, log=print) -> dict[str, Any]:
 
     done = cell.run_dir / "cell.json"
     protocol = eval_protocol(config)
+    finished = _finished(done, protocol)
+    if finished is not None:
+        return finished
     if done.exists():
-        summary = json.loads(done.read_text(encoding="utf-8"))
-        if summary.get("eval") == protocol:
-            return summary
         log(f"{cell.key}: the eval protocol changed since it was evaluated; evaluating it again")
     epochs = cell_epochs(config, cell, log)
     run_config = load_config(cell.recipe, [*cell.overrides, f"train.epochs={epochs!r}"])
@@ -347,10 +346,9 @@ def run_random_init(config: CompareConfig, seed: int, log=print) -> dict[str, An
     run_dir = config.dir / f"random_init_seed{seed}"
     done = run_dir / "cell.json"
     protocol = eval_protocol(config)
-    if done.exists():
-        summary = json.loads(done.read_text(encoding="utf-8"))
-        if summary.get("eval") == protocol:
-            return summary
+    finished = _finished(done, protocol)
+    if finished is not None:
+        return finished
     entry = method_entries(config)[0]
     run_config = load_config(entry.recipe, _cell_overrides(config, entry, seed, run_dir))
     device = pick_device(run_config.train.device)

@@ -181,7 +181,7 @@ def start_encoded_views(batches: list[EncodedBatch], specs: list, seed: int, fir
             image += 1
         decodes += step_decodes
         # the colour ops of the step's views, in chunks of consecutive rows, once its images are resized:
-        # one kernel call for many views (per image, the call's own cost was ~30 % of 20 views of 96x96)
+        # one kernel call for many views (per image, the call's fixed cost was as large as its work at 96x96)
         for g, spec in enumerate(specs):
             first, rows = group_offsets[g][k], spec.count * counts[k]
             for a in range(0, rows, RENDER_CHUNK):
