@@ -62,6 +62,14 @@ def test_compare_config_errors(tmp_path):
         load_compare_config(path, ["budgets=[0]"])
     with pytest.raises(ConfigError, match="budgets of methods entry 'simclr/fashion_mnist_1epoch' must be a non-empty"):
         load_compare_config(path, ["methods=[{recipe: simclr/fashion_mnist_1epoch, budgets: [1, -2]}]"])
+    with pytest.raises(ConfigError, match="paper of methods entry 'simclr/fashion_mnist_1epoch' must map budgets"):
+        load_compare_config(path, ["methods=[{recipe: simclr/fashion_mnist_1epoch, paper: 56.5}]"])
+    with pytest.raises(ConfigError, match="budget 'ten' is not a positive number"):
+        load_compare_config(path, ["methods=[{recipe: simclr/fashion_mnist_1epoch, paper: {ten: 56.5}}]"])
+    with pytest.raises(ConfigError, match="the value for budget 10 must be a number or a text"):
+        load_compare_config(path, ["methods=[{recipe: simclr/fashion_mnist_1epoch, paper: {10: [56.5]}}]"])
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) papr in methods entry.*allowed: .*budgets, paper"):
+        load_compare_config(path, ["methods=[{recipe: simclr/fashion_mnist_1epoch, papr: {1: 2}}]"])
 
 
 def test_per_method_budgets_and_cheapest_budget_first(tmp_path, monkeypatch):
@@ -239,6 +247,32 @@ def test_markdown_table_from_summaries(tmp_path):
     md = format_markdown(config, [cell("a", 1.0, 0, 0.80), cell("a", 1.0, 1, 0.90), cell("b", 1.0, 0, 0.70)])
     assert "| a | 1.000 ± 0.000 | 10 ± 0 | 50.00 ± 0.00 | 85.00 ± 7.07 |" in md
     assert "| b | 1.000 | 10 | 50.00 | 70.00 |" in md
+
+
+def test_summary_table_lists_every_budget_with_its_seeds_and_the_papers_number(tmp_path):
+    def cell(label, budget, seed, acc, method=None):
+        return {"label": label, "method": method or label, "budget": budget, "seed": seed, "epochs": budget,
+                "train_seconds": 0.0 if method else 10.0 * budget + seed, "online_probe_test_acc": None,
+                "patch_passes": 2 * budget, "results": {"full": {"linear": {"test_acc": acc}}}}
+
+    methods = [{"recipe": "simclr/fashion_mnist_1epoch", "label": "b", "paper": {1: 28.2, 10: "56.5 | note"}},
+               {"recipe": "vicreg/fashion_mnist_1epoch", "label": "a"}]
+    config = load_compare_config(write_recipe(tmp_path, tmp_path, methods=methods, budgets=[1, 10],
+                                              paper_note="Some et al."), [])
+    cells = [cell("a", 1.0, 0, 0.5), cell("b", 10.0, 1, 0.7), cell("b", 1.0, 0, 0.4), cell("b", 1.0, 1, 0.6),
+             cell("random init", 0.0, 0, 0.3, method="random_init"),
+             cell("random init", 0.0, 1, 0.2, method="random_init")]
+    md = format_markdown(config, cells)
+    table = md[md.index("## Every method and budget"):md.index("## 1 epoch(s)")]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert rows == ["| b | 1 | 2 | 10 | 50.00 ± 14.14 | 28.2 |",          # the recipe's order, then by budget
+                    "| b | 10 | 1 (seed 1) | 101 | 70.00 | 56.5 / note |",   # a '|' would break the table
+                    "| a | 1 | 1 (seed 0) | 10 | 50.00 |  |",
+                    "| random init | - | 2 | - | 25.00 ± 7.07 |  |"]
+    assert "| method | epochs | seeds | train time (s) | linear (full) | paper |" in table
+    assert "Paper: Some et al." in table
+    no_paper = load_compare_config(write_recipe(tmp_path, tmp_path, budgets=[1]), [])
+    assert "paper" not in format_markdown(no_paper, cells[:1]).split("## 1 epoch(s)")[0].lower()
 
 
 

@@ -5,7 +5,7 @@ A compare recipe (``configs/compare/*.yaml``)::
     name: compare_fashion_mnist_1epoch
     data: {root: data/fashion-mnist}          # data.* for every cell
     methods: [emp_ssl/fashion_mnist_demo, simclr/fashion_mnist_1epoch, ...]   # run recipes, or mappings
-                                               # {recipe, label, overrides, budgets}
+                                               # {recipe, label, overrides, budgets, paper}
     budget: epochs                             # epochs | patch_passes | seconds
     budgets: [1]                               # for every method without its own ``budgets``
     seeds: [0]
@@ -13,6 +13,11 @@ A compare recipe (``configs/compare/*.yaml``)::
                                                                # keys: EvalConfig's defaults, not the recipes')
     overrides: []                              # any other KEY=VALUE for every cell
     random_init: true                          # also evaluate the network at its initialisation
+    paper_note: ''                             # where the methods' ``paper`` numbers come from
+
+A methods entry's ``paper`` maps a budget to a published number or a short text
+(``paper: {1: 28.2, 10: 56.5}``): shown beside the measured cells in compare.md's first table, for
+reference only; nothing is computed from it.
 
 Each cell (method x budget x seed) is a run directory ``<out>/<name>/<label>_<budget><value>_seed<s>``
 trained with ``onepoch.train`` and evaluated with ``onepoch.eval``; its summary goes to ``cell.json``
@@ -29,8 +34,9 @@ alike); ``seconds`` S gives ``S / (seconds per step x steps per epoch)`` epochs,
 measured in a short calibration run of each method (``calibration.json``), so wall time matches
 only as well as that measurement. Epochs may be fractional (``train.epochs``).
 
-Outputs in ``<out>/<name>/``: ``compare.json`` (every cell), ``compare.md`` (tables: test accuracy
-mean ± std over seeds per method and budget, train time) and figures (matplotlib, PNG) of accuracy
+Outputs in ``<out>/<name>/``: ``compare.json`` (every cell), ``compare.md`` (tables: every method and
+budget in one table with the seeds run and the ``paper`` column, then test accuracy mean ± std over seeds
+per budget and per (feature, probe), train time) and figures (matplotlib, PNG) of accuracy
 against epochs, training seconds and patch passes, with error bars of ± one standard deviation over seeds.
 """
 
@@ -53,7 +59,8 @@ from onepoch.runconfig import views_per_image
 
 BUDGET_KINDS = ("epochs", "patch_passes", "seconds")
 COMPARE_KEYS = ("name", "data", "methods", "budget", "budgets", "seeds", "eval", "overrides", "random_init", "out",
-                "calibration_steps", "primary")
+                "calibration_steps", "primary", "paper_note")
+METHOD_KEYS = ("recipe", "label", "overrides", "budgets", "paper")
 
 
 @dataclass
@@ -70,6 +77,7 @@ class CompareConfig:
     out: str = "runs"
     calibration_steps: int = 20
     primary: dict[str, str] = field(default_factory=dict)  # {feature, probe} for the plots; default: the first ones
+    paper_note: str = ""       # where the methods entries' ``paper`` numbers come from (printed under the table)
 
     def __post_init__(self):
         if self.budget not in BUDGET_KINDS:
@@ -99,6 +107,7 @@ class MethodEntry:
     label: str
     overrides: tuple[str, ...] = ()
     budgets: tuple[float, ...] | None = None   # None: the comparison's budgets
+    paper: dict[float, str] = field(default_factory=dict)   # budget -> published number (text), reference only
 
 
 @dataclass
@@ -141,10 +150,10 @@ def method_entries(config: CompareConfig) -> list[MethodEntry]:
             item = {"recipe": item}
         if not isinstance(item, dict) or "recipe" not in item:
             raise ConfigError(f"each methods entry must be a recipe name or a mapping with 'recipe', got {item!r}")
-        unknown = set(item) - {"recipe", "label", "overrides", "budgets"}
+        unknown = set(item) - set(METHOD_KEYS)
         if unknown:
             raise ConfigError(f"unknown key(s) {', '.join(sorted(unknown))} in methods entry {item!r} "
-                              f"(allowed: recipe, label, overrides, budgets)")
+                              f"(allowed: {', '.join(METHOD_KEYS)})")
         method = (read_recipe(item["recipe"]).get("method") or {}).get("name", "emp_ssl")
         raw.append((item, method))
     counts: dict[str, int] = {}
@@ -157,7 +166,7 @@ def method_entries(config: CompareConfig) -> list[MethodEntry]:
         if not label.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise ConfigError(f"method label {label!r} must be letters, digits, '-', '_' or '.'")
         entries.append(MethodEntry(str(item["recipe"]), label, tuple(item.get("overrides") or ()),
-                                   _entry_budgets(item)))
+                                   _entry_budgets(item), _entry_paper(item)))
     labels = [e.label for e in entries]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"two methods share a label: {labels}; give them distinct 'label's")
@@ -174,6 +183,24 @@ def _entry_budgets(item: dict[str, Any]) -> tuple[float, ...] | None:
         raise ConfigError(f"budgets of methods entry {item['recipe']!r} must be a non-empty list of positive "
                           f"numbers, got {budgets!r}")
     return tuple(float(b) for b in budgets)
+
+
+def _entry_paper(item: dict[str, Any]) -> dict[float, str]:
+    """A methods entry's published numbers: ``{budget: number or text}`` as ``{float: str}``."""
+    paper = item.get("paper") or {}
+    if not isinstance(paper, dict):
+        raise ConfigError(f"paper of methods entry {item['recipe']!r} must map budgets to numbers or text, "
+                          f"e.g. {{1: 28.2, 10: 56.5}}, got {paper!r}")
+    out = {}
+    for budget, value in paper.items():
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+            raise ConfigError(f"paper of methods entry {item['recipe']!r}: budget {budget!r} is not a positive "
+                              f"number")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or str(value).strip() == "":
+            raise ConfigError(f"paper of methods entry {item['recipe']!r}: the value for budget {budget:g} must be "
+                              f"a number or a text, got {value!r}")
+        out[float(budget)] = str(value).replace("|", "/")
+    return out
 
 
 def _budget_tag(kind: str, value: float) -> str:
@@ -421,9 +448,48 @@ def cost_line(summaries: list[dict[str, Any]]) -> str:
 PROBE_NAMES = {"linear": "linear", "mlp": "MLP", "knn": "k-NN"}
 
 
+BUDGET_HEADERS = {"epochs": "epochs", "patch_passes": "patch passes", "seconds": "seconds of training"}
+
+
+def summary_table(config: CompareConfig, summaries: list[dict[str, Any]], labels: list[str],
+                  pairs: list[tuple[str, str]]) -> list[str]:
+    """compare.md's first table: one row per method and budget with the seeds that ran, the mean train
+    time, every (feature, probe) as mean ± std over those seeds and, where the methods entries give one,
+    the ``paper`` number for that budget (the random network: one row, no budget)."""
+    paper = {entry.label: entry.paper for entry in method_entries(config)}
+    with_paper = any(paper.values())
+    head = (["method", BUDGET_HEADERS[config.budget], "seeds", "train time (s)"]
+            + [f"{PROBE_NAMES[p]} ({f})" for f, p in pairs] + (["paper"] if with_paper else []))
+    lines = ["## Every method and budget", "",
+             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|"]
+    for label in labels:
+        mine = [s for s in summaries if s["label"] == label]
+        random_init = mine[0]["method"] == "random_init"
+        for budget in sorted({s["budget"] for s in mine}):
+            cs = [s for s in mine if s["budget"] == budget]
+            seeds = sorted(c["seed"] for c in cs)
+            seeds_text = str(len(seeds))
+            if len(seeds) < len(config.seeds):
+                seeds_text += f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(str(x) for x in seeds)})"
+            train = "-" if random_init else f"{sum(c['train_seconds'] for c in cs) / len(cs):.0f}"
+            row = ([label, "-" if random_init else f"{budget:g}", seeds_text, train]
+                   + [_fmt([_metric(c, f, p) for c in cs]) for f, p in pairs])
+            if with_paper:
+                row.append(paper.get(label, {}).get(budget, ""))
+            lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    if with_paper and config.paper_note:
+        lines += [f"Paper: {config.paper_note}", ""]
+    return lines
+
+
 def format_markdown(config: CompareConfig, summaries: list[dict[str, Any]], *, command: str = "") -> str:
-    """compare.md: a summary table per budget, then method x budget tables per (feature, probe)."""
-    labels = list(dict.fromkeys(s["label"] for s in summaries if s["method"] != "random_init"))
+    """compare.md: every method and budget in one table (:func:`summary_table`), then a table per budget,
+    then method x budget tables per (feature, probe)."""
+    present = {s["label"] for s in summaries}
+    labels = [e.label for e in method_entries(config) if e.label in present]   # the recipe's order
+    labels += [x for x in dict.fromkeys(s["label"] for s in summaries if s["method"] != "random_init")
+               if x not in labels]
     labels += list(dict.fromkeys(s["label"] for s in summaries if s["method"] == "random_init"))
     budgets = sorted({s["budget"] for s in summaries if s["method"] != "random_init"})
     pairs = metric_pairs(summaries)
@@ -436,6 +502,7 @@ def format_markdown(config: CompareConfig, summaries: list[dict[str, Any]], *, c
               "Test accuracy in %, mean ± std over seeds; every probe's hyper-parameters chosen on a "
               "validation split of the training set. Train time: seconds in training steps.", ""]
     lines += [cost_line(summaries), ""]
+    lines += summary_table(config, summaries, labels, pairs)
 
     def cells_of(label: str, budget: float | None) -> list[dict[str, Any]]:
         return [s for s in summaries if s["label"] == label and (budget is None or s["budget"] == budget
