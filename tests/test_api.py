@@ -86,8 +86,8 @@ def test_recipes_list_every_shipped_recipe_in_one_line(capsys):
     entries = onepoch.recipes()
     shipped = sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
     assert sorted(entries) == shipped
-    assert list(entries)[-4:] == ["compare/cifar10", "compare/cifar10_cpu", "compare/fashion_mnist_1epoch",
-                                  "compare/imagenette_cpu"]
+    assert list(entries)[-5:] == ["compare/cifar10", "compare/cifar100_cpu", "compare/cifar10_cpu",
+                                  "compare/fashion_mnist_1epoch", "compare/imagenette_cpu"]
     assert all(0 < len(text) <= 110 and "\n" not in text for text in entries.values())
     assert entries["simclr/fashion_mnist_1epoch"].startswith("SimCLR (Chen et al. 2020) for one epoch on Fashion-MNIST")
     from onepoch.cli import main
