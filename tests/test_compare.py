@@ -8,12 +8,14 @@ import pytest
 import yaml
 from test_train import make_blobs
 
+import onepoch.compare
 import onepoch.train
 from onepoch.cli import main
 from onepoch.compare import (
     accuracy_figures,
     accuracy_series,
     cell_epochs,
+    eval_protocol,
     format_markdown,
     load_compare_config,
     plan_cells,
@@ -165,7 +167,8 @@ def test_compare_writes_tables_and_plots_and_resumes(tmp_path, monkeypatch, caps
     assert md.startswith("# Comparison `tiny`")
     assert "| method | epochs | train time (s) | online probe | linear (full) | k-NN (full) | linear (map2x2) |" in md
     table_rows = [line for line in md.splitlines() if line.startswith("| emp_ssl |")]
-    assert len(table_rows) == 2 + 4 and all("±" in row for row in table_rows[:2])  # 2 budgets; then 4 by-budget tables
+    # every method and budget in one table (2 rows), then a table per budget (2), then 4 by-budget tables
+    assert len(table_rows) == 2 + 2 + 4 and all("±" in row for row in table_rows[:4])
     assert "| random init |" in md and "by budget" in md
     for name in ("acc_vs_epochs", "acc_vs_seconds", "acc_vs_patch_passes"):
         assert (out / f"{name}.png").read_bytes().startswith(b"\x89PNG")
@@ -274,6 +277,40 @@ def test_summary_table_lists_every_budget_with_its_seeds_and_the_papers_number(t
     no_paper = load_compare_config(write_recipe(tmp_path, tmp_path, budgets=[1]), [])
     assert "paper" not in format_markdown(no_paper, cells[:1]).split("## 1 epoch(s)")[0].lower()
 
+
+
+def test_report_only_writes_the_tables_of_the_finished_cells_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    path = write_recipe(tmp_path, tmp_path, budgets=[1])
+    config = load_compare_config(path)
+    protocol = eval_protocol(config)
+
+    def write_cell(key, label, method, acc, seed, evaluated_with=protocol):
+        summary = {"label": label, "method": method, "budget": 0.0 if method == "random_init" else 1.0,
+                   "seed": seed, "epochs": 1.0, "train_seconds": 5.0, "online_probe_test_acc": None,
+                   "patch_passes": 2.0, "eval": evaluated_with,
+                   "results": {"full": {"linear": {"test_acc": acc}}}}
+        (config.dir / key).mkdir(parents=True)
+        (config.dir / key / "cell.json").write_text(json.dumps(summary))
+
+    write_cell("emp_ssl_ep1_seed0", "emp_ssl", "emp_ssl", 0.6, 0)
+    write_cell("emp_ssl_ep1_seed1", "emp_ssl", "emp_ssl", 0.8, 1)
+    write_cell("simclr_ep1_seed0", "simclr", "simclr", 0.5, 0, evaluated_with={**protocol, "knn_k": [3]})
+    write_cell("random_init_seed0", "random init", "random_init", 0.3, 0)
+
+    def no_running(*args, **kwargs):
+        raise AssertionError("--report-only must not train or evaluate")
+
+    monkeypatch.setattr(onepoch.train, "train", no_running)
+    monkeypatch.setattr(onepoch.compare, "run_cell", no_running)
+    monkeypatch.setattr(onepoch.compare, "run_random_init", no_running)
+    assert main(["compare", str(path), "--report-only"]) == 0
+    out = capsys.readouterr().out
+    assert "3 cell(s) not finished (random_init_seed1, simclr_ep1_seed0, simclr_ep1_seed1)" in out
+    report = json.loads((config.dir / "compare.json").read_text())
+    assert [c["label"] for c in report["cells"]] == ["random init", "emp_ssl", "emp_ssl"] and not report["complete"]
+    md = (config.dir / "compare.md").read_text()
+    assert "| emp_ssl | 1 | 2 | 5 | 70.00 ± 14.14 |" in md     # simclr's cell was evaluated otherwise: left out
+    assert "| simclr |" not in md and not (config.dir / "locks").exists()
 
 
 @pytest.mark.slow

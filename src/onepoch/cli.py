@@ -215,7 +215,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     config = load_compare_config(args.recipe, args.overrides)
     command = "onepoch compare " + " ".join(shlex.quote(a) for a in [args.recipe, *args.overrides])
-    run_compare(config, command=command, fmt=args.format)
+    run_compare(config, command=command, fmt=args.format, report_only=args.report_only)
     return 0
 
 
@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="e.g. data.root=data/fashion-mnist budgets=[1,3] seeds=[0,1] out=runs")
     p.add_argument("--format", choices=("png", "svg", "pdf"), default="png", help="figure format (default png)")
+    p.add_argument("--report-only", action="store_true", help="run nothing: write compare.md, compare.json and "
+                   "the plots from the cells already finished (e.g. after another process wrote a partial report)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="report.md and figures for a run directory",

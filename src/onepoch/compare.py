@@ -618,13 +618,15 @@ def _with_finished(jobs: list, summaries: list[dict[str, Any] | None],
             for i, (_, done, _) in enumerate(jobs)]
 
 
-def run_compare(config: CompareConfig, *, command: str = "", fmt: str = "png", log=print) -> dict[str, Any]:
+def run_compare(config: CompareConfig, *, command: str = "", fmt: str = "png", log=print,
+                report_only: bool = False) -> dict[str, Any]:
     """Run every cell not yet done, then write compare.json, compare.md and the plots (``fmt``: png,
     svg or pdf); after each cell, the report and plots of the cells so far.
 
     Each cell is run under a lock (``<dir>/locks/<cell>.lock``, see ``onepoch.cell_lock``): a cell that
     another live process is running is skipped, so several processes can share one comparison (one
     per core, or per GPU). The report includes a skipped cell if it has finished by the end.
+    ``report_only``: run nothing; write the report and plots of the cells finished on disk.
     """
     config.dir.mkdir(parents=True, exist_ok=True)
     cells = plan_cells(config)
@@ -636,7 +638,7 @@ def run_compare(config: CompareConfig, *, command: str = "", fmt: str = "png", l
         f"{len(config.seeds)} seed(s)) in {config.dir}")
     t0 = time.perf_counter()
     summaries: list[dict[str, Any] | None] = [None] * len(jobs)
-    for index, (key, done, run) in enumerate(jobs):
+    for index, (key, done, run) in enumerate([] if report_only else jobs):
         with cell_lock(config.dir / "locks" / f"{key}.lock") as owner:
             if owner is not None:
                 log(f"[{index + 1}/{len(jobs)}] {key}: being run by {describe_owner(owner)}; skipped")
@@ -656,7 +658,10 @@ def run_compare(config: CompareConfig, *, command: str = "", fmt: str = "png", l
     log("")
     log(markdown)
     log(f"wrote {config.dir / 'compare.md'}, compare.json and {len(plots)} plot(s)")
-    if missing:
+    if missing and report_only:
+        log(f"{len(missing)} cell(s) not finished ({', '.join(missing)}): run the command without --report-only "
+            f"to run them")
+    elif missing:
         log(f"{len(missing)} cell(s) still running in other processes ({', '.join(missing)}): run the same "
             f"command again when they finish for the complete tables")
     return report
