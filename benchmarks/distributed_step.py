@@ -59,7 +59,9 @@ def train(recipe: str, overrides: list[str], nproc: int, threads: int) -> None:
     command = [sys.executable, "-m", "onepoch", "train", recipe, *overrides, f"train.threads={threads}"]
     if nproc > 1:
         command += ["--nproc", str(nproc)]
-    subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:   # the child's own error, not only its exit status
+        raise SystemExit(f"{' '.join(command)} exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
 
 
 def main(argv: list[str] | None = None) -> int:
