@@ -452,11 +452,10 @@ BUDGET_HEADERS = {"epochs": "epochs", "patch_passes": "patch passes", "seconds":
 
 
 def summary_table(config: CompareConfig, summaries: list[dict[str, Any]], labels: list[str],
-                  pairs: list[tuple[str, str]]) -> list[str]:
+                  pairs: list[tuple[str, str]], paper: dict[str, dict[float, str]]) -> list[str]:
     """compare.md's first table: one row per method and budget with the seeds that ran, the mean train
-    time, every (feature, probe) as mean ± std over those seeds and, where the methods entries give one,
-    the ``paper`` number for that budget (the random network: one row, no budget)."""
-    paper = {entry.label: entry.paper for entry in method_entries(config)}
+    time, every (feature, probe) as mean ± std over those seeds and, where ``paper`` (label -> the methods
+    entry's ``paper``) gives one, the published number for that budget (the random network: one row, no budget)."""
     with_paper = any(paper.values())
     head = (["method", BUDGET_HEADERS[config.budget], "seeds", "train time (s)"]
             + [f"{PROBE_NAMES[p]} ({f})" for f, p in pairs] + (["paper"] if with_paper else []))
@@ -486,8 +485,9 @@ def summary_table(config: CompareConfig, summaries: list[dict[str, Any]], labels
 def format_markdown(config: CompareConfig, summaries: list[dict[str, Any]], *, command: str = "") -> str:
     """compare.md: every method and budget in one table (:func:`summary_table`), then a table per budget,
     then method x budget tables per (feature, probe)."""
+    entries = method_entries(config)
     present = {s["label"] for s in summaries}
-    labels = [e.label for e in method_entries(config) if e.label in present]   # the recipe's order
+    labels = [e.label for e in entries if e.label in present]   # the recipe's order
     labels += [x for x in dict.fromkeys(s["label"] for s in summaries if s["method"] != "random_init")
                if x not in labels]
     labels += list(dict.fromkeys(s["label"] for s in summaries if s["method"] == "random_init"))
@@ -502,7 +502,7 @@ def format_markdown(config: CompareConfig, summaries: list[dict[str, Any]], *, c
               "Test accuracy in %, mean ± std over seeds; every probe's hyper-parameters chosen on a "
               "validation split of the training set. Train time: seconds in training steps.", ""]
     lines += [cost_line(summaries), ""]
-    lines += summary_table(config, summaries, labels, pairs)
+    lines += summary_table(config, summaries, labels, pairs, {e.label: e.paper for e in entries})
 
     def cells_of(label: str, budget: float | None) -> list[dict[str, Any]]:
         return [s for s in summaries if s["label"] == label and (budget is None or s["budget"] == budget
