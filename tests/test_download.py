@@ -26,6 +26,7 @@ from test_source_idx import STEMS, make_idx_dir
 from onepoch.cli import main
 from onepoch.data import download as dl
 from onepoch.data import sources
+from onepoch.data.checksum import sha256_file
 from onepoch.data.sources import load_source
 from onepoch.errors import DataError
 
@@ -286,7 +287,7 @@ def test_idx_download_skips_a_mirror_with_wrong_bytes(tmp_path, server, monkeypa
         server.files[f"/good/{stem}.gz"] = (good / f"{stem}.gz").read_bytes()
     server.behaviour[f"/good/{STEMS['train_images']}.gz"] = ["cut", "good"]
     monkeypatch.setitem(sources.IDX_BASE_URLS, name, (f"{server.url}/bad/", f"{server.url}/good/"))
-    monkeypatch.setitem(sources.IDX_SHA256, name, {s: dl.sha256_file(good / f"{s}.gz") for s in STEMS.values()})
+    monkeypatch.setitem(sources.IDX_SHA256, name, {s: sha256_file(good / f"{s}.gz") for s in STEMS.values()})
     data = load_source(name)
     assert np.array_equal(data.splits["train"].images[..., 0], arrays["train_images"])
     assert np.array_equal(data.splits["test"].labels, arrays["test_labels"])
@@ -308,7 +309,7 @@ def test_a_wrong_idx_file_in_the_cache_is_deleted_and_fetched_again(tmp_path, se
     for stem in STEMS.values():
         server.files[f"/good/{stem}.gz"] = (good / f"{stem}.gz").read_bytes()
     monkeypatch.setitem(sources.IDX_BASE_URLS, name, (f"{server.url}/good/",))
-    monkeypatch.setitem(sources.IDX_SHA256, name, {s: dl.sha256_file(good / f"{s}.gz") for s in STEMS.values()})
+    monkeypatch.setitem(sources.IDX_SHA256, name, {s: sha256_file(good / f"{s}.gz") for s in STEMS.values()})
     cache = tmp_path / "cache" / "downloads" / name
     make_idx_dir(cache, gz=True, seed=5)     # a complete cache; other images (the labels are the same bytes)
     load_source(name)
@@ -336,7 +337,7 @@ def test_cifar_download_checks_the_archive(tmp_path, server, monkeypatch, capsys
         load_source(name)
     assert leftovers(cache) == []
     # pinned to these bytes: cut once, resumed, used
-    monkeypatch.setitem(sources.CIFAR_SHA256, name, dl.sha256_file(archive))
+    monkeypatch.setitem(sources.CIFAR_SHA256, name, sha256_file(archive))
     server.behaviour["/" + layout.archive] = ["cut", "good"]
     assert np.array_equal(load_source(name).splits["test"].labels, arrays["test"][1])
     assert leftovers(cache) == [layout.archive] and server.requests[-1][1] is not None

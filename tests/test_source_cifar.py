@@ -141,7 +141,7 @@ def test_archive_in_download_cache_is_used_offline(tmp_path, monkeypatch):
     cache.mkdir(parents=True)
     write_archive(cache / layout.archive, layout.folder, members)
     from onepoch.data import sources
-    from onepoch.data.download import sha256_file
+    from onepoch.data.checksum import sha256_file
 
     monkeypatch.setitem(sources.CIFAR_SHA256, "cifar10", sha256_file(cache / layout.archive))  # as if official
     monkeypatch.setenv("ONEPOCH_OFFLINE", "1")

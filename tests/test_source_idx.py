@@ -175,7 +175,7 @@ def test_download_false_also_refuses_to_download():
 
 def pin_hashes(monkeypatch, name: str, directory: Path) -> None:
     """Make the .gz files in ``directory`` the official ones of ``name`` (their sha256 pinned)."""
-    from onepoch.data.download import sha256_file
+    from onepoch.data.checksum import sha256_file
 
     monkeypatch.setitem(sources.IDX_SHA256, name, {s: sha256_file(directory / f"{s}.gz") for s in STEMS.values()})
 

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 from onepoch.cli import main
 from onepoch.data import download as dl
 from onepoch.data import sources
+from onepoch.data.checksum import file_digest
 from onepoch.data.encoded import decode_image
 from onepoch.data.imagenet import IMAGENET100_FILE, IMAGENETTE_NAMES, imagenet100_classes, read_class_list
 from onepoch.data.prepared import open_split, read_dataset_info
@@ -287,7 +288,7 @@ def test_md5_pins_in_download_helpers(tmp_path, capsys):
     path = tmp_path / "f"
     path.write_bytes(b"payload")
     md5 = hashlib.md5(b"payload").hexdigest()
-    assert dl.file_digest(path, "md5") == md5
+    assert file_digest(path, "md5") == md5
     assert dl.verified_file(path, md5=md5.upper()) == path
     assert dl.verified_file(path, md5="0" * 32) is None and not path.exists()
     assert re.fullmatch(rf"onepoch: warning: deleted {re.escape(str(path))}: its md5 {md5} is not the pinned 0{{32}}\n",

@@ -8,7 +8,8 @@ file cannot run code. The result is then checked structurally (a dict whose ``da
 
 A source is the ``.tar.gz`` archive (read member by member straight from the tar, nothing is
 extracted to disk), a directory holding the archive, the extracted folder
-(``cifar-10-batches-py`` / ``cifar-100-python``), or a directory holding that folder.
+(``cifar-10-batches-py`` / ``cifar-100-python``), or a directory holding that folder. The official
+download URLs and their pinned sha256s are here too (:mod:`onepoch.data.sources` fetches them).
 """
 
 from __future__ import annotations
@@ -30,6 +31,17 @@ from onepoch.progress import progress
 
 IMAGE_SHAPE = (32, 32, 3)
 ROW_BYTES = 32 * 32 * 3
+
+# The official downloads, and the sha256 of each: a download (or a cached copy) with another hash is
+# deleted, never used (the same values as TensorFlow Datasets / Keras; they match torchvision's MD5s).
+CIFAR_URLS: dict[str, str] = {
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+}
+CIFAR_SHA256: dict[str, str] = {
+    "cifar10": "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+    "cifar100": "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
+}
 
 
 @dataclass(frozen=True)

@@ -4,18 +4,19 @@ The cache root is ``$ONEPOCH_CACHE``, else ``$XDG_CACHE_HOME/onepoch``, else ``~
 downloaded source files live in ``<cache root>/downloads/<dataset name>/``.
 Setting ``ONEPOCH_OFFLINE=1`` forbids every download.
 
-Every file is fetched against the sha256 pinned for it (``onepoch.data.sources``), or its MD5 where
-MD5 is all that is published (torchvision's pins of STL-10, Tiny ImageNet, Imagenette): a download,
-or a file already in the cache, whose hash differs is deleted and reported, never used. A transfer streams
-into ``<file>.part``; one cut short (a dropped connection, a read that stalls for ``timeout`` seconds,
-an interrupted process) is resumed from where it stopped with an HTTP ``Range`` request, or
-restarted when the server does not resume. Failures that may pass (network errors, timeouts, HTTP
-408/429/5xx) are retried ``ATTEMPTS`` times in all, waiting ``BACKOFF_S``, 2x, 4x ... between tries.
+Every file is fetched against the sha256 pinned for it (in its reader module: ``onepoch.data.idx``,
+``onepoch.data.cifar``), or its MD5 where MD5 is all that is published (torchvision's pins of STL-10,
+Tiny ImageNet, Imagenette): a download, or a file already in the cache, whose hash differs is deleted
+and reported, never used. A transfer streams into ``<file>.part``; one cut short (a dropped connection,
+a read that stalls for ``timeout`` seconds, an interrupted process) is resumed from where it stopped
+with an HTTP ``Range`` request, or restarted when the server does not resume. Failures that may pass
+(network errors, timeouts, HTTP 408/429/5xx) are retried ``ATTEMPTS`` times in all, waiting
+``BACKOFF_S``, 2x, 4x ... between tries. :class:`Archive` is the pin of an archive whose publisher
+gives only an MD5. The digests themselves: :mod:`onepoch.data.checksum`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -23,10 +24,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from onepoch import __version__
 from onepoch.atomic import fsync_dir
+from onepoch.data.checksum import file_digest
 from onepoch.errors import DataError
 from onepoch.progress import progress
 
@@ -35,6 +38,16 @@ ATTEMPTS = 4               # tries per URL for failures that may pass
 BACKOFF_S = 1.0            # wait before the second try; doubled before each further one
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 CHUNK_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class Archive:
+    """One official archive: file name, URL, and the MD5 its publisher pins (torchvision's values; no
+    sha256 is published for these files)."""
+
+    file: str
+    url: str
+    md5: str
 
 
 def cache_root() -> Path:
@@ -54,20 +67,6 @@ def download_dir(name: str) -> Path:
 def offline() -> bool:
     """True when ``ONEPOCH_OFFLINE`` is set to 1/true/yes/on (downloads are forbidden)."""
     return os.environ.get("ONEPOCH_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
-    """The ``algorithm`` (sha256 or md5) digest of a file's bytes, as lowercase hex digits."""
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, as 64 lowercase hex digits."""
-    return file_digest(path, "sha256")
 
 
 def _pinned(sha256: str | None, md5: str | None) -> tuple[str, str]:

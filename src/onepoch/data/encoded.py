@@ -27,7 +27,6 @@ smallest scale its crops need, and render all its views from that one decode.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +37,9 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
+from onepoch.data.checksum import array_sha256, sha256_file
 from onepoch.errors import ConfigError, DataError, one_line
+from onepoch.progress import progress
 
 REDUCTIONS = (1, 2, 4, 8)  # the scales libjpeg's DCT can decode at
 DEFAULT_QUALITY = 95
@@ -316,14 +317,6 @@ class EncodedSource:
     records: Callable[[], Iterator[tuple[str, bytes | os.PathLike, int]]]
 
 
-def _hash_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 STATS_SIDE = 64  # channel statistics are measured on each image decoded at about this shorter side
 
 
@@ -331,8 +324,6 @@ def write_encoded_split(directory: Path, source: EncodedSource, num_classes: int
                         quality: int, threads: int | None = None, desc: str = "encode") -> dict[str, Any]:
     """Write one encoded split into ``directory`` (streaming: memory stays bounded whatever the size).
     Returns the meta.json entries it measured: num_images, mean, std, sha256, re-encoded count."""
-    from onepoch.data.prepared import array_sha256
-    from onepoch.progress import progress
 
     threads = threads or default_threads()
     if source.count == 0:
@@ -395,7 +386,7 @@ def write_encoded_split(directory: Path, source: EncodedSource, num_classes: int
         "mean": [round(float(m), 6) for m in mean],
         "std": [round(float(s), 6) for s in std],
         "reencoded": reencoded,
-        "sha256": {"encoded": _hash_file(directory / "encoded.bin"),
+        "sha256": {"encoded": sha256_file(directory / "encoded.bin"),
                    "offsets": array_sha256(np.asarray(offsets, np.int64)),
                    "sizes": array_sha256(np.asarray(sizes, np.int32).reshape(-1, 2)),
                    "labels": array_sha256(labels_array)},
@@ -404,10 +395,9 @@ def write_encoded_split(directory: Path, source: EncodedSource, num_classes: int
 
 def verify_encoded_split(directory: Path, meta: dict[str, Any]) -> None:
     """Re-hash an encoded split's files against ``meta`` (DataError naming the file that changed)."""
-    from onepoch.data.prepared import array_sha256
 
     expected = meta["sha256"]
-    if _hash_file(directory / "encoded.bin") != expected["encoded"]:
+    if sha256_file(directory / "encoded.bin") != expected["encoded"]:
         raise DataError(f"{directory / 'encoded.bin'}: checksum does not match meta.json "
                         "(the file changed after it was prepared; prepare it again)")
     for key, dtype in (("offsets", np.int64), ("sizes", np.int32), ("labels", np.int64)):

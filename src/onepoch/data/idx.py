@@ -4,6 +4,9 @@ An IDX file is a big-endian header -- a 4-byte magic ``00 00 <type> <ndims>`` fo
 uint32 per dimension -- and then the raw values in C order. Only unsigned-byte files are read:
 magic ``0x00000803`` for images (N, rows, cols) and ``0x00000801`` for labels (N,).
 Compression is detected from the gzip magic bytes ``1f 8b``, not from the file name.
+
+Also the facts of the two IDX datasets (``fashion-mnist``, ``mnist``): their file names, class names,
+system copies, download mirrors and pinned sha256s (:mod:`onepoch.data.sources` finds and fetches them).
 """
 
 from __future__ import annotations
@@ -27,6 +30,62 @@ GZIP_MAGIC = b"\x1f\x8b"
 MAX_PAYLOAD_BYTES = 1 << 34  # 16 GiB: anything larger is a corrupt header, not a dataset
 
 _READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
+
+# --- where the files are: names, system copies, mirrors, pinned hashes ---------------------------
+
+# IDX file stems by (split, kind); each file may be stored plain or gzip-compressed ("<stem>.gz").
+IDX_FILES = {
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
+
+IDX_CLASS_NAMES = {
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "mnist": [str(d) for d in range(10)],
+}
+
+# Where a distribution package puts the files (Debian: `apt-get install dataset-fashion-mnist`).
+SYSTEM_DIRS: dict[str, Path] = {
+    "fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
+    "mnist": Path("/usr/share/datasets/mnist"),
+}
+SYSTEM_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
+
+# Download locations, tried in order (HTTPS first; the official Fashion-MNIST host serves only HTTP,
+# which the pinned sha256 makes safe); IDX files are fetched as <base URL><stem>.gz.
+IDX_BASE_URLS: dict[str, tuple[str, ...]] = {
+    "fashion-mnist": ("https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+                      "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"),
+    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"),
+}
+# sha256 of every official file: a download (or a cached copy) with another hash is deleted, never used.
+# The same values are published by TensorFlow Datasets / Keras and match the MD5s torchvision pins.
+IDX_SHA256: dict[str, dict[str, str]] = {
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+        "train-labels-idx1-ubyte": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+        "t10k-images-idx3-ubyte": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+        "t10k-labels-idx1-ubyte": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+    },
+    "mnist": {
+        "train-images-idx3-ubyte": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+        "train-labels-idx1-ubyte": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+        "t10k-images-idx3-ubyte": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+        "t10k-labels-idx1-ubyte": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+    },
+}
+
+
+def find_idx_files(directory: Path) -> dict[tuple[str, str], Path | None]:
+    """The IDX files present in ``directory`` (plain name preferred over ``.gz``), None if absent."""
+    found: dict[tuple[str, str], Path | None] = {}
+    for key, stem in IDX_FILES.items():
+        candidates = [directory / stem, directory / f"{stem}.gz"]
+        found[key] = next((c for c in candidates if c.is_file()), None)
+    return found
 
 
 def is_gzip(path: str | os.PathLike) -> bool:

@@ -31,6 +31,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from onepoch.data.download import Archive
 from onepoch.data.encoded import EncodedSource
 from onepoch.data.folder import IMAGE_EXTENSIONS, _check_same_classes, _visible_entries, encoded_files, \
     list_image_folder
@@ -38,6 +39,18 @@ from onepoch.errors import DataError, one_line
 
 IMAGENET100_FILE = Path(__file__).with_name("imagenet100_classes.txt")
 VAL_SOLUTION = "LOC_val_solution.csv"
+# fast.ai's Imagenette releases, with the MD5 torchvision pins for each.
+IMAGENETTE_ARCHIVES: dict[str, Archive] = {
+    "imagenette": Archive("imagenette2.tgz", "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2.tgz",
+                          "fe2fc210e6bb7c5664d602c3cd71e612"),
+    "imagenette-320": Archive("imagenette2-320.tgz", "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-320.tgz",
+                              "3df6f0d01a2c9592104656642f5e78a3"),
+    "imagenette-160": Archive("imagenette2-160.tgz", "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz",
+                              "e793b78cc4c9e9a4ccc0c1155377a412"),
+}
+IMAGENET_HELP = ("ImageNet has no public download: get ILSVRC-2012 from https://image-net.org (after accepting its "
+                 "terms), extract train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (or val/*.JPEG with Kaggle's "
+                 "LOC_val_solution.csv) into a directory and pass --source DIR")
 KAGGLE_SUBDIR = Path("ILSVRC/Data/CLS-LOC")
 
 # The ten Imagenette classes (wnid -> the first of ImageNet's names, as torchvision's Imagenette has them).

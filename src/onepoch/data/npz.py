@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from onepoch.data.encoded import EncodedSource
 from onepoch.data.prepared import SplitArrays, check_split
 from onepoch.errors import DataError, one_line
 from onepoch.progress import progress
@@ -196,7 +197,6 @@ def read_npz_encoded(path: str | os.PathLike) -> tuple[dict[str, Any], list[str]
 
 
 def _read_encoded(path: Path, arrays: _NpzArrays) -> tuple[dict[str, Any], list[str]]:
-    from onepoch.data.encoded import EncodedSource
 
     if detect_layout(path, arrays.keys) != "jpeg":
         raise DataError(f"{path}: holds image arrays, not JPEG bytes; prepare it with the raw layout")

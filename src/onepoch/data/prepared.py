@@ -18,7 +18,6 @@ only when complete, so an interrupted prepare never leaves something that looks 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -29,6 +28,14 @@ import numpy as np
 
 from onepoch import __version__
 from onepoch.atomic import publish_dir, staging_dir
+from onepoch.data.checksum import array_sha256
+from onepoch.data.encoded import (
+    EncodedImages,
+    EncodedSource,
+    eval_size_default,
+    verify_encoded_split,
+    write_encoded_split,
+)
 from onepoch.errors import DataError
 from onepoch.progress import progress
 
@@ -91,14 +98,6 @@ def check_split(split: str, images: np.ndarray, labels: np.ndarray, num_classes:
             f"{split} labels must lie in [0, {num_classes - 1}], found {int(labels.min())}..{int(labels.max())}"
         )
     return SplitArrays(np.ascontiguousarray(images), labels.astype(np.int64, copy=False))
-
-
-def array_sha256(a: np.ndarray, chunk_rows: int = 4096) -> str:
-    """sha256 of an array's raw C-order bytes (chunked, so memmaps are not read into RAM at once)."""
-    h = hashlib.sha256()
-    for start in range(0, max(1, a.shape[0] if a.ndim else 1), chunk_rows):
-        h.update(np.ascontiguousarray(a[start : start + chunk_rows] if a.ndim else a).tobytes())
-    return h.hexdigest()
 
 
 def channel_stats(images: np.ndarray, chunk_rows: int = 4096, on_chunk=None) -> tuple[list[float], list[float]]:
@@ -178,7 +177,6 @@ def write_prepared(data: SourceData, out: str | os.PathLike, *, force: bool = Fa
     be of one kind). An existing prepared dataset is only replaced with ``force``; any other existing
     non-empty directory is refused.
     """
-    from onepoch.data.encoded import EncodedSource
 
     out = Path(out)
     num_classes = len(data.class_names)
@@ -232,7 +230,6 @@ def _write_dataset_json(tmp: Path, data: SourceData, splits: list[str], shape: l
 
 def _write_encoded(data: SourceData, out: Path, *, force: bool) -> Path:
     """write_prepared for JPEG-at-rest splits (streamed: memory stays bounded whatever the size)."""
-    from onepoch.data.encoded import eval_size_default, write_encoded_split
 
     check_out_dir(out, data.name, data.request, force)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -342,7 +339,6 @@ def open_split(
 
 def _open_encoded(root: Path, split: str, meta: dict[str, Any], *, verify: bool, image_size: int | None
                   ) -> PreparedSplit:
-    from onepoch.data.encoded import EncodedImages, verify_encoded_split
 
     d = root / split
     if verify:

@@ -17,6 +17,10 @@ Only ``folder`` resizes or converts images to a ``size``: for the other sources 
 ``grayscale`` are accepted only when they describe the images as they are (e.g. ``size=32`` for
 CIFAR, ``grayscale=True`` for MNIST), and ``test_source`` / ``test_fraction`` are refused because
 the test split comes with the data.
+
+Each source's own facts (file names, URLs, pinned hashes) live with its reader (``IDX_SHA256`` in
+:mod:`onepoch.data.idx`, ``CIFAR_SHA256`` in :mod:`onepoch.data.cifar`, ...); they are importable
+from here too, where the dispatcher uses them.
 """
 
 from __future__ import annotations
@@ -27,8 +31,19 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from onepoch.data import cifar, folder, idx, imagenet, npz, stl10, tiny_imagenet
-from onepoch.data.download import download_dir, download_first, offline, verified_file
+from onepoch.data.cifar import CIFAR_SHA256, CIFAR_URLS
+from onepoch.data.download import Archive, download_dir, download_first, offline, verified_file
 from onepoch.data.encoded import DEFAULT_QUALITY
+from onepoch.data.idx import (
+    IDX_BASE_URLS,
+    IDX_CLASS_NAMES,
+    IDX_FILES,
+    IDX_SHA256,
+    SYSTEM_DIRS,
+    SYSTEM_PACKAGES,
+    find_idx_files,
+)
+from onepoch.data.imagenet import IMAGENET_HELP
 from onepoch.data.prepared import SourceData, SplitArrays, check_split
 from onepoch.errors import DataError
 
@@ -45,86 +60,9 @@ SUBSET_SOURCES = (*IMAGENETTE_SOURCES, "imagenet", "tiny-imagenet")  # accept cl
 LAYOUTS = ("raw", "jpeg")
 NATIVE_SHAPES = {"tiny-imagenet": (64, 64, 3), "stl10": (96, 96, 3)}
 
-# IDX file stems by (split, kind); each file may be stored plain or gzip-compressed ("<stem>.gz").
-IDX_FILES = {
-    ("train", "images"): "train-images-idx3-ubyte",
-    ("train", "labels"): "train-labels-idx1-ubyte",
-    ("test", "images"): "t10k-images-idx3-ubyte",
-    ("test", "labels"): "t10k-labels-idx1-ubyte",
-}
-
-IDX_CLASS_NAMES = {
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
-    "mnist": [str(d) for d in range(10)],
-}
-
-# Where a distribution package puts the files (Debian: `apt-get install dataset-fashion-mnist`).
-SYSTEM_DIRS: dict[str, Path] = {
-    "fashion-mnist": Path("/usr/share/datasets/fashion-mnist"),
-    "mnist": Path("/usr/share/datasets/mnist"),
-}
-SYSTEM_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
-
-# Download locations, tried in order (HTTPS first; the official Fashion-MNIST host serves only HTTP,
-# which the pinned sha256 makes safe); IDX files are fetched as <base URL><stem>.gz.
-IDX_BASE_URLS: dict[str, tuple[str, ...]] = {
-    "fashion-mnist": ("https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
-                      "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"),
-    "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"),
-}
-CIFAR_URLS: dict[str, str] = {
-    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-}
-# sha256 of every official file: a download (or a cached copy) with another hash is deleted, never used.
-# The same values are published by TensorFlow Datasets / Keras and match the MD5s torchvision pins.
-IDX_SHA256: dict[str, dict[str, str]] = {
-    "fashion-mnist": {
-        "train-images-idx3-ubyte": "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
-        "train-labels-idx1-ubyte": "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
-        "t10k-images-idx3-ubyte": "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
-        "t10k-labels-idx1-ubyte": "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
-    },
-    "mnist": {
-        "train-images-idx3-ubyte": "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
-        "train-labels-idx1-ubyte": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
-        "t10k-images-idx3-ubyte": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
-        "t10k-labels-idx1-ubyte": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
-    },
-}
-CIFAR_SHA256: dict[str, str] = {
-    "cifar10": "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
-    "cifar100": "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
-}
-
-
-@dataclass(frozen=True)
-class Archive:
-    """One official archive: file name, URL, and the MD5 its publisher pins (torchvision's values; no
-    sha256 is published for these files)."""
-
-    file: str
-    url: str
-    md5: str
-
-
-ARCHIVES: dict[str, Archive] = {
-    "imagenette": Archive("imagenette2.tgz", "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2.tgz",
-                          "fe2fc210e6bb7c5664d602c3cd71e612"),
-    "imagenette-320": Archive("imagenette2-320.tgz", "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-320.tgz",
-                              "3df6f0d01a2c9592104656642f5e78a3"),
-    "imagenette-160": Archive("imagenette2-160.tgz", "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz",
-                              "e793b78cc4c9e9a4ccc0c1155377a412"),
-    # CS231n and Stanford serve these over plain HTTP only; the pinned MD5 is what makes that usable.
-    "tiny-imagenet": Archive("tiny-imagenet-200.zip", "http://cs231n.stanford.edu/tiny-imagenet-200.zip",
-                             "90528d7ca1a48142e341f4ef8d21d0de"),
-    "stl10": Archive("stl10_binary.tar.gz", "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
-                     "91f7769df0f17e558f3565bffb0c7dfb"),
-}
-IMAGENET_HELP = ("ImageNet has no public download: get ILSVRC-2012 from https://image-net.org (after accepting its "
-                 "terms), extract train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (or val/*.JPEG with Kaggle's "
-                 "LOC_val_solution.csv) into a directory and pass --source DIR")
+# The official archive of each source whose publisher pins only an MD5 (each pinned in its reader module).
+ARCHIVES: dict[str, Archive] = {**imagenet.IMAGENETTE_ARCHIVES, "tiny-imagenet": tiny_imagenet.DOWNLOAD,
+                                "stl10": stl10.DOWNLOAD}
 
 
 def _absolute(path: str | os.PathLike) -> Path:
@@ -140,15 +78,6 @@ def _why_no_download(download_requested: bool) -> str:
 
 
 # --- IDX: fashion-mnist, mnist ---------------------------------------------------------------
-
-
-def find_idx_files(directory: Path) -> dict[tuple[str, str], Path | None]:
-    """The IDX files present in ``directory`` (plain name preferred over ``.gz``), None if absent."""
-    found: dict[tuple[str, str], Path | None] = {}
-    for key, stem in IDX_FILES.items():
-        candidates = [directory / stem, directory / f"{stem}.gz"]
-        found[key] = next((c for c in candidates if c.is_file()), None)
-    return found
 
 
 def _idx_help(name: str) -> str:

@@ -29,12 +29,16 @@ from typing import BinaryIO
 
 import numpy as np
 
+from onepoch.data.download import Archive
 from onepoch.data.prepared import SplitArrays
 from onepoch.errors import DataError, one_line
 from onepoch.progress import progress
 
 FOLDER = "stl10_binary"
 ARCHIVE = "stl10_binary.tar.gz"
+# Stanford serves it over plain HTTP only; the pinned MD5 (torchvision's) is what makes that usable.
+DOWNLOAD = Archive(ARCHIVE, "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
+                   "91f7769df0f17e558f3565bffb0c7dfb")
 SIDE = 96
 IMAGE_BYTES = 3 * SIDE * SIDE
 FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin")

@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
+from onepoch.data.download import Archive
 from onepoch.data.folder import IMAGE_EXTENSIONS
 from onepoch.data.imagenet import requested_classes
 from onepoch.data.prepared import SplitArrays
@@ -33,6 +34,8 @@ from onepoch.progress import progress
 
 FOLDER = "tiny-imagenet-200"
 ARCHIVE = "tiny-imagenet-200.zip"
+# CS231n serves it over plain HTTP only; the pinned MD5 (torchvision's) is what makes that usable.
+DOWNLOAD = Archive(ARCHIVE, "http://cs231n.stanford.edu/tiny-imagenet-200.zip", "90528d7ca1a48142e341f4ef8d21d0de")
 SIZE = 64
 
 
