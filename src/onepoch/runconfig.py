@@ -107,8 +107,8 @@ class TrainConfig:
     checkpoint_every: int = 100        # steps; a checkpoint is also written at the end
     keep_checkpoints: int = 2
     device: str = "auto"               # auto: cuda when available
-    amp: str = "auto"                  # auto: bf16 autocast on CUDA, off on CPU; or bf16 / off
-    channels_last: str = "auto"        # auto / on: NHWC memory format (faster on CPU too, benchmarks/train_step.py); off
+    amp: str | bool = "auto"           # auto: bf16 autocast on CUDA, off on CPU; or bf16 / off
+    channels_last: str | bool = "auto"  # auto / on: NHWC memory format (faster on CPU too, benchmarks/train_step.py); off
     compile: bool = False              # torch.compile the model
     threads: int | None = None         # CPU threads (torch.set_num_threads)
     online_probe: bool = True          # a linear classifier on detached backbone features of the first view
@@ -140,8 +140,13 @@ class TrainConfig:
             raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}")
         if self.view_steps is not None and self.view_steps < 1:
             raise ConfigError(f"train.view_steps must be >= 1 or null, got {self.view_steps}")
+        # YAML reads an unquoted on / off (train.amp=off on the command line) as true / false
         if isinstance(self.resume, bool):
             self.resume = "on" if self.resume else "off"
+        if isinstance(self.channels_last, bool):
+            self.channels_last = "on" if self.channels_last else "off"
+        if self.amp is False:
+            self.amp = "off"
         for key, choices in (("amp", ("auto", "bf16", "off")), ("channels_last", ("auto", "on", "off")),
                              ("resume", ("off", "on", "auto")), ("backend", ("auto", "nccl", "gloo"))):
             if getattr(self, key) not in choices:
@@ -167,6 +172,9 @@ class EvalConfig:
     batch_size: int = 500              # images per embedding batch
     max_patches: int = 8192            # most patches through the network at once (bag, grid): bounds memory
     seed: int = 0
+    protocol: str = "onepoch"          # onepoch: the probes above, chosen on validation; paper: EMP-SSL's official
+                                       # probes (onepoch.paper_probes) on the bag of bag_patches, reported only,
+                                       # never used to choose; both: the two on one shared bag embedding
 
     def __post_init__(self):
         if self.bag_patches < 1:
@@ -192,6 +200,9 @@ class EvalConfig:
         if self.layer not in LAYERS:
             raise ConfigError(f"unknown eval.layer {self.layer!r}{suggest(self.layer, LAYERS)}; "
                               f"choose from: {', '.join(LAYERS)}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"unknown eval.protocol {self.protocol!r}{suggest(self.protocol, PROTOCOLS)}; "
+                              f"choose from: {', '.join(PROTOCOLS)}")
         for p in self.probes:
             if p not in PROBE_KINDS:
                 raise ConfigError(f"unknown eval.probes entry {p!r}{suggest(p, PROBE_KINDS)}; "
@@ -199,6 +210,7 @@ class EvalConfig:
 
 
 FEATURE_KINDS = ("bag", "full", "map2x2", "grid")
+PROTOCOLS = ("onepoch", "paper", "both")
 LOG_TARGETS = ("jsonl", "tensorboard")
 LAYERS = ("auto", "backbone", "pre_feature", "projector")
 PROBE_KINDS = ("linear", "knn", "mlp")
