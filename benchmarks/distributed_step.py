@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from onepoch.data import SourceData, SplitArrays, write_prepared
+from onepoch.run import read_metrics
 
 RECIPES = {"emp_ssl": "emp_ssl/fashion_mnist_demo"}
 
@@ -49,7 +50,7 @@ def generated_dataset(root: Path, n: int, size: int = 28, seed: int = 0) -> Path
 
 
 def step_seconds(run: Path, skip: int) -> float:
-    times = [json.loads(line)["time"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    times = [row["time"] for row in read_metrics(run)]
     gaps = [b - a for a, b in zip(times[skip:], times[skip + 1:])]
     return statistics.median(gaps)
 

@@ -41,7 +41,7 @@ def test_train_evaluate_load_and_embed(tmp_path, blobs):  # noqa: F811
     assert features.shape == (10, backbone.feature_dim) and features.dtype == torch.float32
     # the same numbers as the evaluation's whole-image features of the trained model
     from onepoch.eval import embed_split
-    from onepoch.train import view_spec_for
+    from onepoch.run import view_spec_for
 
     train_split = open_split(blobs, "train")                  # the evaluation normalises with its statistics
     spec = view_spec_for(run_config(run.run_dir), train_split.mean, train_split.std)
@@ -55,7 +55,7 @@ def test_train_evaluate_load_and_embed(tmp_path, blobs):  # noqa: F811
 
 
 def run_config(run_dir):
-    from onepoch.train import read_run_config
+    from onepoch.run import read_run_config
 
     return read_run_config(run_dir)
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from test_compare import write_recipe
 
-from onepoch.cell_lock import cell_lock, describe_owner
+from onepoch.compare.lock import cell_lock, describe_owner
 from onepoch.compare import load_compare_config
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="cells are not locked on Windows")
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="cells are not l
 HOLDER = """
 import sys, time
 from pathlib import Path
-from onepoch.cell_lock import cell_lock
+from onepoch.compare.lock import cell_lock
 with cell_lock(Path(sys.argv[1])) as owner:
     print("held" if owner is None else "busy", flush=True)
     time.sleep(120)
@@ -55,7 +55,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 
 
 def test_compare_skips_cells_another_process_runs_and_reports_them_when_done(tmp_path, monkeypatch):
-    import onepoch.compare as compare
+    import onepoch.compare.cells as compare
 
     path = write_recipe(tmp_path, tmp_path, budgets=[1], seeds=[0], random_init=False)
     config = load_compare_config(path)
@@ -101,7 +101,7 @@ def test_compare_skips_cells_another_process_runs_and_reports_them_when_done(tmp
 def test_a_calibration_waits_for_the_one_another_process_is_running(tmp_path, monkeypatch):
     import threading
 
-    import onepoch.compare as compare
+    import onepoch.compare.cells as compare
 
     path = write_recipe(tmp_path, tmp_path, budget="seconds", budgets=[60], seeds=[0], random_init=False)
     config = load_compare_config(path)

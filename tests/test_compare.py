@@ -8,7 +8,7 @@ import pytest
 import yaml
 from test_train import make_blobs
 
-import onepoch.compare
+import onepoch.compare.cells
 import onepoch.train
 from onepoch.cli import main
 from onepoch.compare import (
@@ -75,7 +75,7 @@ def test_compare_config_errors(tmp_path):
 
 
 def test_per_method_budgets_and_cheapest_budget_first(tmp_path, monkeypatch):
-    import onepoch.compare as compare
+    import onepoch.compare.cells as compare
 
     path = write_recipe(tmp_path, tmp_path, budgets=[1, 10], methods=[
         {"recipe": "emp_ssl/fashion_mnist_demo", "budgets": [1, 2, 3]}, "simclr/fashion_mnist_1epoch"])
@@ -301,8 +301,8 @@ def test_report_only_writes_the_tables_of_the_finished_cells_and_runs_nothing(tm
         raise AssertionError("--report-only must not train or evaluate")
 
     monkeypatch.setattr(onepoch.train, "train", no_running)
-    monkeypatch.setattr(onepoch.compare, "run_cell", no_running)
-    monkeypatch.setattr(onepoch.compare, "run_random_init", no_running)
+    monkeypatch.setattr(onepoch.compare.cells, "run_cell", no_running)
+    monkeypatch.setattr(onepoch.compare.cells, "run_random_init", no_running)
     assert main(["compare", str(path), "--report-only"]) == 0
     out = capsys.readouterr().out
     assert "3 cell(s) not finished (random_init_seed1, simclr_ep1_seed0, simclr_ep1_seed1)" in out

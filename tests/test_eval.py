@@ -10,8 +10,9 @@ from test_train import blobs, tiny_config  # noqa: F401  (fixture)
 from onepoch.cli import main
 from onepoch.errors import ConfigError
 from onepoch.eval import embed_split, grid_patches
+from onepoch.run import build_model, view_spec_for
 from onepoch.runconfig import load_config
-from onepoch.train import build_model, train, view_spec_for
+from onepoch.train import train
 
 
 def test_grid_patches_cover_the_image_in_order():

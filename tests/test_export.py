@@ -18,8 +18,9 @@ from onepoch.data import open_split
 from onepoch.errors import ConfigError
 from onepoch.export import resnet_layout
 from onepoch.models import build_backbone
+from onepoch.run import build_model
 from onepoch.runconfig import load_config
-from onepoch.train import build_model, train
+from onepoch.train import train
 
 REFERENCE = np.load(Path(__file__).parent / "reference" / "export.npz")
 CLASSIFIER = {"fc.weight", "fc.bias"}

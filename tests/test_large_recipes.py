@@ -163,7 +163,7 @@ def test_training_an_unlabeled_split_with_the_online_probe_is_refused(tmp_path, 
 
 
 def test_evaluating_on_an_unlabeled_split_is_refused(tmp_path, datasets):
-    from onepoch.eval import open_eval_splits
+    from onepoch.run import open_eval_splits
 
     config = load_config("emp_ssl/stl10_1epoch", [f"data.root={datasets['stl10']}"])
     with pytest.raises(ConfigError, match=r"split 'train\+unlabeled' .* has no real labels.*data.train_split=train"):
@@ -179,7 +179,7 @@ def test_run_report_view_tiles_of_jpeg_at_rest_are_the_training_views(datasets):
     evaluation-size images."""
     from onepoch.encoded_views import first_images_views
     from onepoch.report import run_view_tiles
-    from onepoch.train import view_specs_for
+    from onepoch.run import view_specs_for
     from onepoch.views import load_view_spec
 
     config = load_config("byol/imagenet100", [f"data.root={datasets['imagenet100']}", "views.size=32"])

@@ -47,9 +47,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from onepoch.eval import evaluate_model, open_eval_splits
+from onepoch.eval import evaluate_model
+from onepoch.run import build_model, open_eval_splits, view_spec_for
 from onepoch.runconfig import load_config
-from onepoch.train import build_model, train, view_spec_for
+from onepoch.train import train
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

@@ -11,8 +11,9 @@ from test_train import make_blobs
 
 from onepoch import methods
 from onepoch.errors import ConfigError
+from onepoch.run import build_model
 from onepoch.runconfig import load_config
-from onepoch.train import build_model, train
+from onepoch.train import train
 
 SYMMETRIC = ["simclr", "vicreg", "barlow_twins"]
 BASELINES = [*SYMMETRIC, "byol", "swav", "ressl"]

@@ -12,11 +12,13 @@ from test_train import make_blobs
 
 import onepoch
 from onepoch import methods
+from onepoch.checkpoints import checkpoint_paths, load_checkpoint
 from onepoch.errors import ConfigError
 from onepoch.methods.common import cosine_momentum, ema_update_, stack_views
 from onepoch.methods.ressl import enqueue_
+from onepoch.run import build_model, view_specs_for
 from onepoch.runconfig import load_config, view_groups
-from onepoch.train import build_model, checkpoint_paths, load_checkpoint, make_view_groups, train, view_specs_for
+from onepoch.train import make_view_groups, train
 
 
 def tiny(name, tmp_path=None, *extra):

@@ -2,6 +2,8 @@
 float32 outside autocast, the network under autocast, losses in float32 -- for every method's
 training step, the online probe and every evaluation feature kind."""
 
+import sys
+
 import pytest
 import torch
 from test_methods import TINY_HEADS
@@ -10,8 +12,9 @@ from test_train import make_blobs
 import onepoch.views
 from onepoch import methods
 from onepoch.eval import embed_split
+from onepoch.run import build_model, view_spec_for, view_specs_for
 from onepoch.runconfig import load_config
-from onepoch.train import build_model, step_view_groups, train, view_spec_for, view_specs_for
+from onepoch.train import step_view_groups, train
 from onepoch.views import get_preset, load_view_spec, make_views
 
 HEADS = {**TINY_HEADS, "emp_ssl": ["method.pre_feature=32", "method.projector=32-16"]}
@@ -29,7 +32,7 @@ def blobs(tmp_path_factory):
 @pytest.fixture
 def views_never_under_autocast(monkeypatch):
     """Fails the test if any view is rendered while autocast is on (the public renderer, which
-    make_views and every caller go through, is wrapped)."""
+    make_views and every caller go through, is wrapped: in its module and in every module that imported it)."""
     real = onepoch.views.apply_view_params
     calls = []
 
@@ -37,7 +40,9 @@ def views_never_under_autocast(monkeypatch):
         calls.append(torch.is_autocast_enabled(images.device.type))
         return real(images, *args, **kwargs)
 
-    monkeypatch.setattr(onepoch.views, "apply_view_params", checked)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("onepoch") and getattr(module, "apply_view_params", None) is real:
+            monkeypatch.setattr(module, "apply_view_params", checked)
     yield calls
     assert calls, "no view was rendered"
     assert not any(calls), f"{sum(calls)} of {len(calls)} view renderings ran inside autocast"

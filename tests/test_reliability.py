@@ -34,10 +34,11 @@ import onepoch.eval
 import onepoch.methods.emp_ssl as emp
 import onepoch.checkpoints
 import onepoch.train
+from onepoch.checkpoints import checkpoint_paths, load_checkpoint
 from onepoch.cli import main
 from onepoch.data import cifar
 from onepoch.runconfig import load_config
-from onepoch.train import checkpoint_paths, load_checkpoint, train
+from onepoch.train import train
 
 RECIPE = "emp_ssl/fashion_mnist_demo"
 
@@ -224,7 +225,7 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path, base):
 _DIE_MID_CHECKPOINT = """
 import os, signal, sys
 from pathlib import Path
-from onepoch.train import checkpoint_paths, load_checkpoint, save_checkpoint
+from onepoch.checkpoints import checkpoint_paths, load_checkpoint, save_checkpoint
 
 class HalfThenDie:  # the file atomic_open writes to: half of the checkpoint reaches the disk, then SIGKILL
     def __init__(self, f):

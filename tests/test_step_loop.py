@@ -9,7 +9,8 @@ from test_train import make_blobs, tiny_config
 
 import onepoch.methods.emp_ssl as emp
 import onepoch.train
-from onepoch.train import TrainingError, checkpoint_paths, load_checkpoint, train
+from onepoch.checkpoints import checkpoint_paths, load_checkpoint
+from onepoch.train import TrainingError, train
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from onepoch.checkpoints import checkpoint_paths, load_checkpoint
 from onepoch.data import SourceData, SplitArrays, write_prepared
 from onepoch.errors import ConfigError
 from onepoch.runconfig import load_config
-from onepoch.train import TrainingError, checkpoint_paths, load_checkpoint, train
+from onepoch.train import TrainingError, train
 
 TINY = ["model.arch=resnet10", "model.width=0.0625", "method.pre_feature=32", "method.projector=32-16",
         "views.preset=emp_ssl_fashion_mnist", "views.count=4", "views.size=8", "data.batch_size=8",

@@ -20,6 +20,11 @@ import torch
 from torch import nn
 
 from onepoch.errors import ConfigError
+from onepoch.eval import evaluate_run
+from onepoch.export import read_backbone
+from onepoch.run import read_metrics
+from onepoch.runconfig import RECIPES_DIR, load_config
+from onepoch.train import train as run_training
 
 __all__ = ["RunResult", "embed", "evaluate", "load_backbone", "recipes", "train"]
 
@@ -39,8 +44,6 @@ class RunResult:
     @property
     def metrics(self) -> list[dict[str, Any]]:
         """The rows of the run's ``metrics.jsonl`` (one per logged step: loss, its parts, lr, patches/s)."""
-        from onepoch.report import read_metrics
-
         return read_metrics(self.run_dir)
 
 
@@ -62,9 +65,6 @@ def train(recipe: str | Path, *, resume: bool | str | None = None, progress_bar:
     overrides given as keywords (``data={"root": ...}``, ``train={"epochs": 0.5}``, ``name="x"``), like
     ``onepoch train RECIPE KEY=VALUE ...``; ``resume=True`` continues the run from its newest checkpoint
     (``resume`` as :func:`onepoch.train.train` takes it; None: the config's)."""
-    from onepoch.runconfig import load_config
-    from onepoch.train import train as run_training
-
     config = load_config(recipe, dotted_overrides(overrides))
     result = run_training(config, resume=resume, progress_bar=progress_bar)
     return RunResult(run_dir=Path(result.run_dir), steps=result.steps, seconds=result.seconds,
@@ -76,8 +76,6 @@ def evaluate(run_dir: str | Path, *, log=print, **eval_keys) -> dict[str, Any]:
     """Evaluate a run's newest checkpoint as ``onepoch eval`` does, with ``eval.*`` keys as keywords
     (``probes=["linear", "knn"]``, ``features=["full"]``, ``knn_k=20``); returns what ``eval.json``
     holds (``report["results"][feature][probe]["test_acc"]``)."""
-    from onepoch.eval import evaluate_run
-
     keys = {k if k.startswith("eval.") else f"eval.{k}": v for k, v in eval_keys.items()}
     return evaluate_run(run_dir, overrides=keys, log=log)
 
@@ -88,8 +86,6 @@ def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> nn.Mo
     mode on ``device``. It maps normalised images (N, C, H, W) to features (N, feature_dim); its
     ``normalization`` attribute holds the ``{"mean", "std"}`` its training inputs had (None if unknown),
     which :func:`embed` applies."""
-    from onepoch.export import read_backbone
-
     model, info = read_backbone(path)
     model.normalization = info.get("normalization")
     return model.to(device).eval()
@@ -151,7 +147,5 @@ def _summary(path: Path, width: int = 110) -> str:
 def recipes() -> dict[str, str]:
     """The shipped recipes, ``{name: one-line description}``: run recipes (``onepoch train NAME``) then
     comparisons (``onepoch compare compare/NAME``)."""
-    from onepoch.runconfig import RECIPES_DIR
-
     paths = sorted(RECIPES_DIR.rglob("*.yaml"), key=lambda p: (p.parent.name == "compare", str(p)))
     return {str(p.relative_to(RECIPES_DIR).with_suffix("")): _summary(p) for p in paths}

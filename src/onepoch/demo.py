@@ -13,15 +13,19 @@ from typing import Any
 import torch
 
 from onepoch.atomic import atomic_write_text
+from onepoch.data.prepared import check_out_dir, write_prepared
+from onepoch.data.sources import locate_source
+from onepoch.eval import evaluate_model, format_table
+from onepoch.report import write_figures
+from onepoch.run import build_model, open_eval_splits, pick_device, read_metrics, view_spec_for
+from onepoch.runconfig import load_config, read_recipe
+from onepoch.train import train
 
 DEMO_RECIPE = "emp_ssl/fashion_mnist_demo"
 
 
 def ensure_fashion_mnist(root: Path, download: bool = True, log=print) -> Path:
     """Prepare Fashion-MNIST at ``root`` unless the same source is already prepared there."""
-    from onepoch.data.prepared import check_out_dir, write_prepared
-    from onepoch.data.sources import locate_source
-
     plan = locate_source("fashion-mnist", None, download=download)
     if check_out_dir(root, plan.name, plan.request, force=False):
         return root
@@ -42,10 +46,6 @@ def free_run_name(out: Path, name: str) -> str:
 
 def run_demo(*, data_root: Path, out: Path, overrides: list[str], download: bool = True, log=print
              ) -> dict[str, Any]:
-    from onepoch.eval import evaluate_model, format_table, open_eval_splits
-    from onepoch.runconfig import load_config, read_recipe
-    from onepoch.train import build_model, pick_device, train, view_spec_for
-
     t_start = time.perf_counter()
     ensure_fashion_mnist(data_root, download=download, log=log)
     base_name = str(read_recipe(DEMO_RECIPE).get("name", "fashion_mnist_demo"))
@@ -72,8 +72,6 @@ def run_demo(*, data_root: Path, out: Path, overrides: list[str], download: bool
     untrained = build_model(config, train_split.shape[-1]).to(device)
     random_init = evaluate_model(untrained, config, device=device, train_split=train_split, test_split=test_split,
                                  spec=spec, log=log)
-    from onepoch.report import read_metrics, write_figures
-
     figures = write_figures(config.run_dir, config, read_metrics(config.run_dir), train_split, test_split,
                             result.model)
     total = time.perf_counter() - t_start

@@ -26,7 +26,6 @@ import math
 import os
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,8 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from onepoch.atomic import atomic_write_text
+from onepoch.errors import ConfigError
 from onepoch.probes import knn_probe, linear_probe, mlp_probe
+from onepoch.progress import progress
+from onepoch.run import load_trained, pick_device, use_amp, view_spec_for
 from onepoch.runconfig import RunConfig
+from onepoch.tracking import Tracker
+from onepoch.views import apply_view_params, load_view_spec, sample_view_params
 
 __all__ = ["embed_split", "evaluate_model", "evaluate_run", "grid_patches", "knn_probe", "linear_probe", "mlp_probe"]
 
@@ -111,17 +115,12 @@ def embed_split(model: nn.Module, images, kind: str, *, spec, batch_size: int, d
     images) go through the network at once; a bag's views are drawn for the whole image batch first,
     so the features do not depend on the chunking. Views are rendered in float32 outside autocast;
     ``amp`` puts only the network under bf16 autocast."""
-    from onepoch.progress import progress
-    from onepoch.views import apply_view_params, sample_view_params
-
     model.eval()
     bag_layer = representation_layer(model, layer)
     full_layer = "backbone" if layer == "auto" else layer
     available = getattr(model, "feature_layers", ("backbone",))
     for wanted in {bag_layer, full_layer} if kind in ("bag", "full") else ():
         if wanted not in available:
-            from onepoch.errors import ConfigError
-
             raise ConfigError(f"eval.layer {wanted!r} does not exist in this model; it has: {', '.join(available)}")
     if kind not in ("bag", "full", "map2x2", "grid"):
         raise ValueError(f"unknown feature kind {kind!r}")
@@ -180,8 +179,6 @@ def evaluate_model(model: nn.Module, config: RunConfig, *, device: torch.device,
     Returns ``{"<feature>": {"dim": d, "embed_seconds": s, "linear": {...}, "knn": {...}}}``; with
     ``include_raw_pixels`` also ``"raw_pixels"`` (the linear probe on the flattened pixels).
     """
-    from onepoch.train import use_amp
-
     ec = config.eval
     amp = use_amp(config.train.amp, device)
     channels_last = config.train.channels_last != "off"
@@ -236,58 +233,26 @@ def evaluate_model(model: nn.Module, config: RunConfig, *, device: torch.device,
 
 
 def _with_count(spec, count: int):
-    from onepoch.views import load_view_spec
-
     return load_view_spec(spec, {"count": count})
-
-
-def open_eval_splits(config: RunConfig):
-    from onepoch.data.prepared import open_split
-    from onepoch.errors import ConfigError
-
-    train_split = open_split(Path(config.data.root), config.data.train_split, image_size=config.data.image_size)
-    test_split = open_split(Path(config.data.root), config.data.test_split, image_size=config.data.image_size)
-    for split in (train_split, test_split):
-        if split.meta.get("labelled") is False:
-            raise ConfigError(f"split {split.split!r} of {config.data.root} has no real labels, so probes cannot be "
-                              f"trained or tested on it; evaluate with data.train_split=<a labelled split> "
-                              f"(e.g. onepoch eval RUN data.train_split=train)")
-    if config.data.limit is not None and config.data.limit < train_split.num_images:
-        train_split = train_split.subset(config.data.limit)
-    if config.data.test_limit is not None and config.data.test_limit < test_split.num_images:
-        test_split = test_split.subset(config.data.test_limit)
-    return train_split, test_split
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, overrides: dict[str, Any] | None = None, log=print
                  ) -> dict[str, Any]:
-    """Evaluate the newest checkpoint of a run directory; write ``eval.json`` there and return it."""
-    from onepoch.checkpoints import latest_checkpoint, load_checkpoint, load_model_state
-    from onepoch.runconfig import apply_overrides, build_config
-    from onepoch.tracking import Tracker
-    from onepoch.train import build_model, pick_device, read_run_config, view_spec_for
-
-    run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
-    if overrides:
-        config = build_config(apply_overrides(config.to_dict(), overrides))
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        from onepoch.errors import ConfigError
-
-        raise ConfigError(f"{run_dir} has no checkpoint to evaluate (train it first)")
+    """Evaluate the newest checkpoint of a run directory (its config with the dotted ``overrides``
+    applied); write ``eval.json`` there and return it."""
+    run = load_trained(run_dir, overrides)
+    if run.model is None:
+        raise ConfigError(f"{run.run_dir} has no checkpoint to evaluate (train it first)")
+    run_dir, config, ckpt, step = run.run_dir, run.config, run.checkpoint, run.step
+    train_split, test_split = run.train_split, run.test_split
     tracker = Tracker(run_dir, config.train.log_to)  # a missing TensorBoard fails here, before the work
     device = pick_device(config.train.device)
-    train_split, test_split = open_eval_splits(config)
-    state = load_checkpoint(ckpt)
-    model = build_model(config, train_split.shape[-1])
-    load_model_state(model, state, ckpt)
-    model.to(device)
+    model = run.model.to(device)
     spec = view_spec_for(config, train_split.mean, train_split.std)
-    log(f"evaluating {run_dir} at step {state['step']} on {device}")
+    log(f"evaluating {run_dir} at step {step} on {device}")
     results = evaluate_model(model, config, device=device, train_split=train_split, test_split=test_split, spec=spec,
                              log=log)
-    report = {"run": str(run_dir), "checkpoint": ckpt.name, "step": int(state["step"]),
+    report = {"run": str(run_dir), "checkpoint": ckpt.name, "step": step,
               "eval_config": asdict(config.eval), "results": results}
     atomic_write_text(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
     with tracker:

@@ -29,7 +29,12 @@ from torch import nn
 
 from onepoch import __version__
 from onepoch.atomic import atomic_open
-from onepoch.errors import ConfigError
+from onepoch.checkpoints import latest_checkpoint, load_checkpoint
+from onepoch.data.prepared import open_split
+from onepoch.errors import ConfigError, DataError
+from onepoch.models import build_backbone
+from onepoch.runconfig import build_config, view_groups
+from onepoch.views import load_view_spec
 
 FORMATS = ("torchvision", "timm", "safetensors")
 LIBRARY_ARCHS = ("resnet18", "resnet34", "resnet50")   # what torchvision and timm build under these names
@@ -41,8 +46,6 @@ ARCH_OF_LAYOUT = {(False, (1, 1, 1, 1)): "resnet10", (False, (2, 2, 2, 2)): "res
 
 def checkpoint_of(run: str | os.PathLike) -> Path:
     """The checkpoint to read: the newest one of a run directory, or the file itself."""
-    from onepoch.checkpoints import latest_checkpoint
-
     path = Path(run)
     if path.is_dir():
         ckpt = latest_checkpoint(path)
@@ -66,11 +69,6 @@ def backbone_state(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 def _normalisation(config) -> dict[str, list[float]] | None:
     """The mean/std the run's (first view group's) views were normalised with: the recipe's, else its
     dataset's; None when neither is known (the dataset cannot be opened here)."""
-    from onepoch.data.prepared import open_split
-    from onepoch.errors import DataError
-    from onepoch.runconfig import view_groups
-    from onepoch.views import load_view_spec
-
     spec = load_view_spec(*view_groups(config.views)[0])
     if spec.mean is not None:
         return {"mean": [float(m) for m in spec.mean], "std": [float(s) for s in spec.std]}
@@ -85,8 +83,6 @@ def _describe(state: dict[str, Any], source: Path) -> tuple[dict[str, torch.Tens
     """(backbone state_dict, description) of a loaded checkpoint. The description: ``arch``, ``kwargs``
     (stem, width, in_chans: the constructor's arguments), ``source``, ``step``, ``method``,
     ``normalization`` (or None)."""
-    from onepoch.runconfig import build_config
-
     config = build_config(state["config"])
     weights = backbone_state(state["model"])
     kwargs = {"stem": config.model.stem, "width": config.model.width, "in_chans": int(weights["conv1.weight"].shape[1])}
@@ -98,8 +94,6 @@ def _describe(state: dict[str, Any], source: Path) -> tuple[dict[str, torch.Tens
 def run_backbone(run: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(backbone state_dict, description) of a run directory (its newest checkpoint) or a checkpoint
     file; see :func:`_describe`."""
-    from onepoch.checkpoints import load_checkpoint
-
     ckpt = checkpoint_of(run)
     return _describe(load_checkpoint(ckpt), ckpt)
 
@@ -181,8 +175,6 @@ def resnet_layout(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
 
 
 def _build(arch: str, kwargs: dict[str, Any], weights: dict[str, torch.Tensor], where: str) -> nn.Module:
-    from onepoch.models import build_backbone
-
     model = build_backbone(arch, **kwargs)
     try:
         model.load_state_dict(weights)

@@ -24,21 +24,12 @@ import torch
 
 from onepoch.atomic import atomic_write_text
 from onepoch.errors import ConfigError
+from onepoch.eval import embed_split
+from onepoch.plots import line_panels_figure, save_figure, scatter_figure
+from onepoch.run import load_trained, pick_device, read_metrics, read_online_probe, train_seconds, view_spec_for
+from onepoch.runconfig import views_per_image
 
 FIGURE_FORMATS = ("png", "svg", "pdf")
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        raise ConfigError(f"{run_dir} has no metrics.jsonl (was it trained?)")
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut short by a crash
-    return rows
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -83,8 +74,6 @@ def curves_panels(rows: list[dict[str, Any]], smooth: int) -> list[dict[str, Any
 
 def write_curves(run_dir: Path, rows: list[dict[str, Any]], smooth: int, fmt: str = "png") -> Path:
     """``curves.<fmt>``: the panels of :func:`curves_panels` in one figure."""
-    from onepoch.plots import line_panels_figure, save_figure
-
     panels = [{**p, "xlabel": "step"} for p in curves_panels(rows, smooth)]
     return save_figure(line_panels_figure(panels, title=f"{run_dir.name}: training"), run_dir / f"curves.{fmt}")
 
@@ -123,7 +112,7 @@ def run_view_tiles(config, split, images: int = 6, views_per_group: int = 4) -> 
     run's view groups (its own generator seeded with ``config.seed``: the training randomness is left
     alone), as :func:`view_tiles`, with column titles. For a JPEG-at-rest split the views are cut as
     training cuts them (from the stored photographs); the image column is the evaluation view."""
-    from onepoch.train import view_specs_for
+    from onepoch.run import view_specs_for
     from onepoch.views import load_view_spec, make_views
 
     n = min(images, split.num_images)
@@ -164,10 +153,6 @@ def pca_2d(features: torch.Tensor) -> torch.Tensor:
 def write_embedding(run_dir: Path, config, model, test_split, fmt: str = "png", max_points: int = 5000) -> Path:
     """``embedding_pca.<fmt>``: the backbone features of the whole image of the first ``max_points``
     test images, projected by :func:`pca_2d`, coloured by class."""
-    from onepoch.eval import embed_split
-    from onepoch.plots import save_figure, scatter_figure
-    from onepoch.train import pick_device, view_spec_for
-
     device = pick_device(config.train.device)
     n = min(max_points, test_split.num_images)
     spec = view_spec_for(config, test_split.mean, test_split.std)
@@ -206,28 +191,15 @@ def _eval_lines(report: dict[str, Any]) -> list[str]:
 def write_report(run_dir: str | Path, *, smooth: int = 20, fmt: str = "png", log=print) -> Path:
     """Write ``report.md`` and the figures (``fmt``: png, svg or pdf) for the run in ``run_dir``;
     return the report's path."""
-    from onepoch.eval import open_eval_splits
-    from onepoch.checkpoints import latest_checkpoint, load_checkpoint, load_model_state
-    from onepoch.train import build_model, read_run_config
-
-    run_dir = Path(run_dir)
-    config = read_run_config(run_dir)
+    run = load_trained(run_dir)
+    run_dir, config, ckpt = run.run_dir, run.config, run.checkpoint
     rows = read_metrics(run_dir)
     if not rows:
         raise ConfigError(f"{run_dir}/metrics.jsonl holds no steps yet")
     if fmt not in FIGURE_FORMATS:
         raise ConfigError(f"figure format must be one of {', '.join(FIGURE_FORMATS)}, got {fmt!r}")
-    train_split, test_split = open_eval_splits(config)
-    ckpt = latest_checkpoint(run_dir)
-    model = None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        model = build_model(config, train_split.shape[-1])
-        load_model_state(model, state, ckpt)
-    figures = write_figures(run_dir, config, rows, train_split, test_split, model, smooth=smooth, fmt=fmt)
-
-    from onepoch.compare import train_seconds
-    from onepoch.runconfig import views_per_image
+    figures = write_figures(run_dir, config, rows, run.train_split, run.test_split, run.model, smooth=smooth,
+                            fmt=fmt)
 
     last = rows[-1]
     rates = sorted(r["patches_per_s"] for r in rows if r.get("patches_per_s"))
@@ -242,14 +214,13 @@ def write_report(run_dir: str | Path, *, smooth: int = 20, fmt: str = "png", log
              f"{config.train.epochs} epoch(s)",
              "", "## Training", "",
              f"- steps: {last['step']} (newest checkpoint: {ckpt.name if ckpt else 'none'})",
-             f"- time in training steps: {train_seconds(run_dir / 'metrics.jsonl', patches_per_step):.1f} s"]
+             f"- time in training steps: {train_seconds(run_dir, patches_per_step):.1f} s"]
     if rates:
         lines.append(f"- throughput: median {rates[len(rates) // 2]:,.0f} patches/s")
     parts = ", ".join(f"{k} {last[k]:.4g}" for k in _loss_keys(rows))
     lines.append(f"- final step: {parts}")
-    online = run_dir / "online_probe.json"
-    if online.exists():
-        acc = json.loads(online.read_text(encoding="utf-8"))["test_acc"]
+    acc = read_online_probe(run_dir)
+    if acc is not None:
         lines.append(f"- online linear probe, test split: {100 * acc:.2f} %")
     evaluation = run_dir / "eval.json"
     if evaluation.exists():

@@ -1,9 +1,10 @@
-"""The training loop shared by every method.
+"""The training loop shared by every method: one run's steps, written into its run directory.
 
-A run directory ``<train.out>/<name>/`` holds ``config.yaml`` (the full, checked config),
-``metrics.jsonl`` (one JSON line per step: loss and its parts, lr, patches/s), ``checkpoints/``
-(``step_0000100.pt`` ...: model, optimizer, step, RNG states, config; written atomically, the last
-``train.keep_checkpoints`` kept) and later ``eval.json``.
+What a run is built from (device, precision, model, view specs) and how its files are read back
+live in :mod:`onepoch.run`; this module only trains. A run directory ``<train.out>/<name>/`` holds
+``config.yaml`` (the full, checked config), ``metrics.jsonl`` (one JSON line per step: loss and its
+parts, lr, patches/s), ``checkpoints/`` (``step_0000100.pt`` ...: model, optimizer, step, RNG states,
+config; written atomically, the last ``train.keep_checkpoints`` kept) and later ``eval.json``.
 
 A resumed run (``resume=True``) continues from the newest checkpoint with the same data order,
 view randomness and schedule as an uninterrupted run.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,20 +25,28 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from onepoch import __version__
 from onepoch import distributed as dist_
 from onepoch.atomic import atomic_write_text
-from onepoch.checkpoints import (  # noqa: F401  (re-exported: onepoch.train was their home)
-    CHECKPOINT_FORMAT,
-    checkpoint_paths,
-    latest_checkpoint,
-    load_checkpoint,
-    load_model_state,
-    save_checkpoint,
+from onepoch.checkpoints import CHECKPOINT_FORMAT, latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
+from onepoch.data.loader import BatchLoader
+from onepoch.data.prepared import open_split
+from onepoch.errors import ConfigError, DataError, OnepochError
+from onepoch.optim import build_optimizer, set_learning_rate, warmup_cosine
+from onepoch.progress import progress
+from onepoch.run import (
+    build_model,
+    config_to_yaml,
+    pick_device,
+    read_metrics,
+    read_run_config,
+    use_amp,
+    view_specs_for,
 )
-from onepoch.errors import ConfigError, OnepochError
 from onepoch.runconfig import RunConfig, build_config
+from onepoch.tracking import Tracker
 
 
 class TrainingError(OnepochError):
@@ -48,36 +56,6 @@ class TrainingError(OnepochError):
 # --------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device {name!r} is not a device (use auto, cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device asks for cuda, but no CUDA device is available")
-    return device
-
-
-def view_specs_for(config: RunConfig, mean: list[float], std: list[float]) -> list:
-    """The run's ViewSpec of each view group (``config.view_specs``); the dataset's channel mean/std
-    normalise the views unless the recipe sets them."""
-    from onepoch.views import load_view_spec
-
-    return [spec if spec.mean is not None else load_view_spec(spec, {"mean": list(mean), "std": list(std)})
-            for spec in config.view_specs]
-
-
-def view_spec_for(config: RunConfig, mean: list[float], std: list[float], count: int | None = None):
-    """The first view group's ViewSpec (the training-size views, which evaluation and the online
-    probe use), with ``count`` views when given."""
-    from onepoch.views import load_view_spec
-
-    spec = view_specs_for(config, mean, std)[0]
-    return spec if count is None else load_view_spec(spec, {"count": count})
 
 
 def make_view_groups(images: torch.Tensor, specs: list, generator: torch.Generator, *,
@@ -116,31 +94,6 @@ def step_view_groups(batches: list[torch.Tensor], specs: list, seed: int, first_
         for k, part in enumerate(views.split([spec.count * n for n in sizes])):
             per_step[k].append(part.unflatten(0, (spec.count, sizes[k])))
     return per_step
-
-
-def build_model(config: RunConfig, in_chans: int) -> nn.Module:
-    """The method module (backbone + heads) described by the config."""
-    from onepoch import methods
-    from onepoch.models import build_backbone
-
-    backbone = build_backbone(config.model.arch, stem=config.model.stem, width=config.model.width,
-                              in_chans=in_chans)
-    return methods.get(config.method["name"]).module_class(backbone, config.method_config)
-
-
-def config_to_yaml(config: RunConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
-
-
-def read_run_config(run_dir: str | os.PathLike) -> RunConfig:
-    path = Path(run_dir) / "config.yaml"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
-    return build_config(data)
 
 
 def build_online_probe(feature_dim: int, num_classes: int) -> nn.Module:
@@ -183,15 +136,6 @@ def _is_out_of_memory(e: BaseException) -> bool:
     """A device allocation failure: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
     return isinstance(e, _OUT_OF_MEMORY) or (
         isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(e))
-
-
-def use_amp(setting: str, device: torch.device) -> bool:
-    """Whether the network runs under bf16 autocast: ``bf16`` on any device (the CPU too, which is how
-    the tests exercise the GPU's autocast path), ``auto`` on CUDA only, ``off`` never.
-
-    The precision policy: views and every augmentation in float32 outside autocast; autocast only
-    around the network; losses in float32 (each loss function turns autocast off for its maths)."""
-    return setting == "bf16" or (setting == "auto" and device.type == "cuda")
 
 
 def fetch_to_host(values: torch.Tensor) -> list:
@@ -276,17 +220,18 @@ def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop the metric lines of steps after ``step`` (they were run after the last checkpoint)."""
+    """Drop the metric lines of steps after ``step`` (they were run after the last checkpoint), and
+    any line cut short by a crash."""
     if not path.exists():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for row in read_metrics(path.parent):
         try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a crash
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+            if row["step"] <= step:
+                kept.append(row)
+        except (KeyError, TypeError):
+            continue  # not a step's line
+    atomic_write_text(path, "".join(f"{json.dumps(row)}\n" for row in kept))
 
 
 def _gradient_finiteness(model: nn.Module) -> tuple[list[str], torch.Tensor]:
@@ -531,12 +476,6 @@ def _check_same_config(config: RunConfig) -> None:
 
 
 def _build(config: RunConfig, world) -> _Run:
-    from torch.nn.parallel import DistributedDataParallel
-
-    from onepoch.data.loader import BatchLoader
-    from onepoch.data.prepared import open_split
-    from onepoch.optim import build_optimizer
-
     tc, oc = config.train, config.optim
     device = pick_device(tc.device)
     if device.type == "cuda" and world.size > 1:
@@ -618,8 +557,6 @@ def _restore(run: _Run) -> int:
 
 def _train_step(run: _Run, step: int, views: list[torch.Tensor], labels: torch.Tensor) -> _StepRecord:
     """One optimizer step (and the online probe's); nothing here waits for the device."""
-    from onepoch.optim import set_learning_rate, warmup_cosine
-
     oc = run.config.optim
     lr = oc.lr * warmup_cosine(step, run.schedule_steps, run.warmup, oc.final_lr_ratio)
     set_learning_rate(run.optimizer, lr)
@@ -650,13 +587,9 @@ def train(config: RunConfig, *, resume: bool | str | None = None, progress_bar: 
     ``resume``: True / ``"on"`` (continue the run), ``"auto"`` (continue it if it has a checkpoint,
     else start it), False / ``"off"``; None takes ``train.resume``. Started by torchrun (``WORLD_SIZE``
     > 1), each process trains its share of every global batch and rank 0 writes the files."""
-    from onepoch.progress import progress
-
     mode = config.train.resume if resume is None else {True: "on", False: "off"}.get(resume, resume)
     if mode not in RESUME_MODES:
         raise ConfigError(f"resume must be one of {', '.join(RESUME_MODES)}, got {mode!r}")
-    from onepoch.tracking import Tracker
-
     world = dist_.launched_world()
     run = _build(config, world)  # every config error is raised here, before anything is written
     # checks that TensorBoard imports when train.log_to asks for it; writes nothing yet
@@ -734,9 +667,6 @@ class _no_file:
 
 def _online_probe_report(run: _Run, step: int) -> float | None:
     """Test accuracy of the online probe at the end of training, written to ``online_probe.json``."""
-    from onepoch.data.prepared import open_split
-    from onepoch.errors import DataError
-
     config = run.config
     try:
         test = open_split(Path(config.data.root), config.data.test_split, image_size=config.data.image_size)
