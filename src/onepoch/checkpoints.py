@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from onepoch.atomic import atomic_open
-from onepoch.errors import ConfigError
+from onepoch.errors import ConfigError, one_line
 
 CHECKPOINT_FORMAT = 1
 
@@ -50,8 +50,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except FileNotFoundError:
         raise ConfigError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # a corrupt file, or one that would need to run code to load
-        from onepoch.errors import one_line
-
         raise ConfigError(f"checkpoint {path} cannot be loaded safely: {one_line(e)[:200]}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
         raise ConfigError(f"{path} is not an onepoch checkpoint")

@@ -14,7 +14,11 @@ import traceback
 from pathlib import Path
 
 from onepoch import __version__
+from onepoch.config import parse_override, suggest
 from onepoch.errors import ConfigError, DataError, OnepochError, one_line
+
+# The other onepoch modules are imported by the command that needs them, not here: most of them import
+# torch, and `onepoch --help` (or a mistyped command) should answer without loading it.
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -30,8 +34,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from onepoch.data.sources import SOURCE_NAMES, locate_source
 
     if args.name not in SOURCE_NAMES:
-        from onepoch.config import suggest
-
         raise DataError(f"unknown dataset source {args.name!r}{suggest(args.name, SOURCE_NAMES)}; "
                         f"choose one of: {', '.join(SOURCE_NAMES)}")
     out = Path(args.out)
@@ -74,7 +76,6 @@ def cmd_views(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from onepoch.config import parse_override
     from onepoch.data.prepared import open_split
     from onepoch.plots import figure_format
     from onepoch.report import save_views_figure, view_tiles
@@ -167,8 +168,6 @@ def _launch(args: argparse.Namespace, config) -> int:
 
     import torch
 
-    from onepoch.errors import ConfigError
-
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {args.nproc}")
     if config.data.batch_size % args.nproc:
@@ -186,8 +185,6 @@ def _launch(args: argparse.Namespace, config) -> int:
 
 
 def _eval_overrides(args: argparse.Namespace) -> dict:
-    from onepoch.config import parse_override
-
     overrides = dict(parse_override(o) for o in args.overrides)
     if args.probe:
         overrides["eval.probes"] = [p.strip() for p in args.probe.split(",") if p.strip()]

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from onepoch.config import suggest
 from onepoch.errors import ConfigError
 
 STEMS = ("cifar", "imagenet")
@@ -181,8 +182,6 @@ BACKBONES: dict[str, Callable[..., ResNet]] = {
 def build_backbone(arch: str, *, stem: str = "cifar", width: float = 1.0, in_chans: int = 3) -> ResNet:
     """The backbone named ``arch`` (one of :data:`BACKBONES`)."""
     if arch not in BACKBONES:
-        from onepoch.config import suggest
-
         raise ConfigError(f"unknown model.arch {arch!r}{suggest(arch, BACKBONES)}; "
                           f"choose one of: {', '.join(BACKBONES)}")
     return BACKBONES[arch](stem=stem, width=width, in_chans=in_chans)

@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from onepoch.config import suggest
 from onepoch.errors import ConfigError
 
 OPTIMIZERS = ("lars", "sgd", "adamw")
@@ -106,8 +107,6 @@ def build_optimizer(named_params, name: str, *, lr: float, weight_decay: float, 
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
-    from onepoch.config import suggest
-
     raise ConfigError(f"unknown optim.name {name!r}{suggest(name, OPTIMIZERS)}; choose one of: {', '.join(OPTIMIZERS)}")
 
 

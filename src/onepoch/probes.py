@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onepoch.errors import ConfigError
+from onepoch.progress import progress as make_bar
 
 __all__ = [
     "ProbeResult",
@@ -285,7 +286,6 @@ def _train_linear(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, weight_
     n_batches = math.ceil(x.shape[0] / batch_size)
     bar = None
     if progress:
-        from onepoch.progress import progress as make_bar
         bar = make_bar(total=epochs * n_batches, desc=desc, unit="step")
     try:
         for epoch in range(1, epochs + 1):
@@ -518,7 +518,6 @@ def mlp_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor
     grid: list[dict] = []
     bar = None
     if progress:
-        from onepoch.progress import progress as make_bar
         bar = make_bar(total=len(settings) * eps[-1] * math.ceil(n_tr / batch_size), desc="mlp probe (selection)",
                        unit="step")
     try:

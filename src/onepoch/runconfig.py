@@ -29,8 +29,12 @@ from typing import Any
 
 import yaml
 
+from onepoch import methods
 from onepoch.config import _coerce, dataclass_from_dict, parse_override, suggest
 from onepoch.errors import ConfigError
+from onepoch.models import BACKBONES as ARCHS
+from onepoch.models import STEMS
+from onepoch.views import load_view_spec
 
 RECIPES_DIR = Path(__file__).parent / "configs"
 
@@ -65,8 +69,6 @@ class ModelConfig:
     sync_bn: bool = True               # with several processes: BatchNorm statistics over the global batch
 
     def __post_init__(self):
-        from onepoch.models import BACKBONES as ARCHS, STEMS
-
         if self.arch not in ARCHS:
             raise ConfigError(f"unknown model.arch {self.arch!r}{suggest(self.arch, ARCHS)}; "
                               f"choose one of: {', '.join(ARCHS)}")
@@ -246,8 +248,6 @@ class RunConfig:
     @cached_property
     def method_config(self) -> Any:
         """The method's config dataclass (e.g. ``EmpSSLConfig``), parsed once from ``method``."""
-        from onepoch import methods
-
         entry = methods.get(self.method["name"])
         return dataclass_from_dict(entry.config_class, {k: v for k, v in self.method.items() if k != "name"},
                                    where="method")
@@ -255,9 +255,7 @@ class RunConfig:
     @cached_property
     def view_specs(self) -> tuple:
         """The ViewSpec of each view group (one unless ``views.groups``), parsed once from ``views``;
-        without the dataset's normalisation, which :func:`onepoch.train.view_specs_for` adds."""
-        from onepoch.views import load_view_spec
-
+        without the dataset's normalisation, which :func:`onepoch.run.view_specs_for` adds."""
         return tuple(load_view_spec(preset, keys) for preset, keys in view_groups(self.views))
 
 
@@ -318,8 +316,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any],
 
 def build_config(data: dict[str, Any]) -> RunConfig:
     """Check a config dict key by key (sections, method keys, view keys) and build a RunConfig."""
-    from onepoch import methods
-
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping, got {type(data).__name__}")
     for key in data:
@@ -350,8 +346,6 @@ def build_config(data: dict[str, Any]) -> RunConfig:
 
 def views_per_image(views: dict[str, Any]) -> int:
     """Views of each image per step, over all view groups of a ``views`` section."""
-    from onepoch.views import load_view_spec
-
     return sum(load_view_spec(preset, keys).count for preset, keys in view_groups(views))
 
 

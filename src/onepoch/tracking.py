@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from onepoch.errors import ConfigError
+from onepoch.plots import tile_mosaic
 from onepoch.runconfig import LOG_TARGETS
 
 TENSORBOARD_DIR = "tensorboard"
@@ -102,8 +103,6 @@ class Tracker:
         [0, 1]) laid out by :func:`onepoch.plots.tile_mosaic`, as the image ``views``."""
         if not self.enabled:
             return
-        from onepoch.plots import tile_mosaic
-
         self.writer.add_image("views", tile_mosaic(tiles), step, dataformats="HWC")
 
     def log_hparams(self, config, results: dict[str, Any]) -> None:

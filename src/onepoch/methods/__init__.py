@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from onepoch.config import suggest
 from onepoch.errors import ConfigError
+from onepoch.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig
+from onepoch.methods.byol import BYOL, BYOLConfig
+from onepoch.methods.emp_ssl import EmpSSL, EmpSSLConfig
+from onepoch.methods.ressl import ReSSL, ReSSLConfig
+from onepoch.methods.simclr import SimCLR, SimCLRConfig
+from onepoch.methods.swav import SwAV, SwAVConfig
+from onepoch.methods.vicreg import VICReg, VICRegConfig
 
 
 @dataclass(frozen=True)
@@ -28,14 +36,6 @@ class MethodEntry:
 
 
 def _registry() -> dict[str, MethodEntry]:
-    from onepoch.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig
-    from onepoch.methods.byol import BYOL, BYOLConfig
-    from onepoch.methods.emp_ssl import EmpSSL, EmpSSLConfig
-    from onepoch.methods.ressl import ReSSL, ReSSLConfig
-    from onepoch.methods.simclr import SimCLR, SimCLRConfig
-    from onepoch.methods.swav import SwAV, SwAVConfig
-    from onepoch.methods.vicreg import VICReg, VICRegConfig
-
     entries = [MethodEntry("emp_ssl", EmpSSLConfig, EmpSSL), MethodEntry("simclr", SimCLRConfig, SimCLR),
                MethodEntry("byol", BYOLConfig, BYOL), MethodEntry("vicreg", VICRegConfig, VICReg),
                MethodEntry("barlow_twins", BarlowTwinsConfig, BarlowTwins), MethodEntry("swav", SwAVConfig, SwAV),
@@ -51,7 +51,5 @@ def get(name: str) -> MethodEntry:
     """The method registered as ``name`` (e.g. ``"emp_ssl"``)."""
     registry = _registry()
     if name not in registry:
-        from onepoch.config import suggest
-
         raise ConfigError(f"unknown method {name!r}{suggest(name, registry)}; choose one of: {', '.join(registry)}")
     return registry[name]

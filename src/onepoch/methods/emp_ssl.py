@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from onepoch.distributed import gather_batch
+from onepoch.errors import ConfigError
 from onepoch.losses import emp_ssl_loss
 from onepoch.methods.common import check_bn_views, per_view, stack_views
 from onepoch.models import mlp, parse_mlp_spec
@@ -33,8 +34,6 @@ class EmpSSLConfig:
     bn_views: str = "joint"          # all patches in one batch, as the official code
 
     def __post_init__(self):
-        from onepoch.errors import ConfigError
-
         check_bn_views(self.bn_views)
         parse_mlp_spec(self.pre_feature)
         parse_mlp_spec(self.projector)
