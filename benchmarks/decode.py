@@ -7,12 +7,12 @@ normalised), delivered as one float tensor. Pipelines:
 
 * **onepoch**: JPEG at rest (``onepoch.data.encoded``): each image decoded once per step, at the
   smallest DCT scale its crops need, in a thread pool; all views rendered by the batched view code
-  (``onepoch.encoded_views``);
+  (``onepoch.views.encoded``);
 * **decode per view** (what FFCV-SSL's loader does): each view decodes its JPEG again, at full scale,
   then the same batched rendering;
 * **onepoch without the fast extra**: the same, with ``ONEPOCH_CPU_KERNELS=torch`` and
   ``ONEPOCH_JPEG_DECODER=pillow`` (only when the ``fast`` extra is installed: then the row above uses the
-  fused kernels of ``onepoch.colour_kernels`` and simplejpeg's decoder);
+  fused kernels of ``onepoch.views.kernels`` and simplejpeg's decoder);
 * **per-sample** (what EMP-SSL's code does): a torch DataLoader with ``--workers`` worker processes,
   each image decoded once with Pillow, then one crop + jitter chain per view in Pillow, stacked.
 
@@ -46,11 +46,12 @@ from PIL import Image, ImageFilter, ImageOps
 sys.path.insert(0, str(Path(__file__).parent))
 from views import _pil_hue  # noqa: E402  (the Pillow hue op of the views benchmark)
 
-from onepoch import colour_kernels  # noqa: E402
 from onepoch.data.encoded import EncodedSource, decode_image, jpeg_decoder, pad_into_canvas  # noqa: E402
+from onepoch.data.loader import EncodedBatch  # noqa: E402
 from onepoch.data.prepared import SourceData, open_split, write_prepared  # noqa: E402
-from onepoch.encoded_views import EncodedBatch, finish_encoded_views, start_encoded_views  # noqa: E402
 from onepoch.views import ViewSpec, apply_view_params, sample_view_params, seeded_generator  # noqa: E402
+from onepoch.views import kernels as colour_kernels  # noqa: E402
+from onepoch.views.encoded import device_jpeg_decoder, finish_encoded_views, start_encoded_views  # noqa: E402
 
 MEAN = STD = (0.5, 0.5, 0.5)
 PLAIN_ROW = "onepoch without the fast extra"
@@ -274,8 +275,6 @@ def main(argv: list[str] | None = None) -> int:
                     os.environ.pop(name)
         device = torch.device(args.device)
         if device.type == "cuda":
-            from onepoch.encoded_views import device_jpeg_decoder
-
             rows += gpu_rows(images, batches, spec, threads, w, device, device_jpeg_decoder(device))
     timed = args.batch * args.batches
     rates = {label: timed / seconds for label, seconds in rows}

@@ -33,7 +33,7 @@ import torch
 from onepoch.optim import build_optimizer
 from onepoch.run import build_model, pick_device, use_amp, view_specs_for
 from onepoch.runconfig import load_config
-from onepoch.train import step_view_groups
+from onepoch.views.stream import step_view_groups
 
 SMOKE = ["model.arch=resnet10", "model.width=0.125", "views.count=2", "views.size=8"]
 SMOKE_HEADS = {"pre_feature": "32", "projector": "32-16", "predictor": "32-16", "prototypes": 8}

@@ -1,4 +1,4 @@
-"""The fused numba colour kernels (onepoch.colour_kernels) against the eager torch ops they replace on
+"""The fused numba colour kernels (onepoch.views.kernels) against the eager torch ops they replace on
 CPU, and their hue rotation against Python's colorsys."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from onepoch import colour_kernels
+from onepoch.views import kernels as colour_kernels
 from onepoch.errors import ConfigError
 from onepoch.views import ViewParams, ViewSpec, apply_view_params, get_preset, sample_view_params, seeded_generator
 

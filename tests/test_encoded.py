@@ -19,11 +19,11 @@ from onepoch.data.encoded import (
     resize_center_crop,
     scale_crops,
 )
-from onepoch.data.loader import BatchLoader
+from onepoch.data.loader import BatchLoader, EncodedBatch
 from onepoch.data.prepared import SourceData, open_split, write_prepared
-from onepoch.encoded_views import EncodedBatch, finish_encoded_views, start_encoded_views
 from onepoch.errors import ConfigError, DataError
 from onepoch.views import ViewSpec, apply_view_params, sample_view_params, seeded_generator
+from onepoch.views.encoded import finish_encoded_views, start_encoded_views
 
 
 def photo(rng, h, w, mode="RGB", noise=10):
@@ -296,7 +296,7 @@ def test_colour_tasks_split_across_steps_and_chunks_give_the_same_views(tmp_path
     one image): the same views as one step per call, each rendered whole."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import onepoch.encoded_views as encoded_views
+    import onepoch.views.encoded as encoded_views
 
     out = prepare(tmp_path / "ds", jpeg_records(9, 0, 30, 200), jpeg_records(2, 1))
     images = open_split(out, "train").images
@@ -375,7 +375,7 @@ def test_large_uint8_crops_resized_one_by_one_agree_with_the_resampling_matrices
     """On CPU, uint8 crops over PER_VIEW_RESIZE_ABOVE pixels are resized by torch's antialiased uint8
     interpolation (Pillow-like, rounded to uint8) instead of the dense matrices; both draw the same
     views from the same parameters (float input takes the dense path: the reference)."""
-    import onepoch.views as views
+    import onepoch.views.render as views
 
     rng = np.random.default_rng(8)
     images = torch.from_numpy(np.stack([np.asarray(photo(rng, 160, 200, noise=0)) for _ in range(3)]))
@@ -457,7 +457,7 @@ def test_nvjpeg_views_while_the_training_stream_is_busy(tmp_path):
     from libjpeg's by a few levels: on the H200, 2.2 of 255 on average)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from onepoch.encoded_views import device_jpeg_decoder
+    from onepoch.views.encoded import device_jpeg_decoder
 
     decoder = device_jpeg_decoder(torch.device("cuda"))
     if decoder is None:

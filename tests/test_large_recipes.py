@@ -175,10 +175,10 @@ def test_evaluating_on_an_unlabeled_split_is_refused(tmp_path, datasets):
 
 def test_run_report_view_tiles_of_jpeg_at_rest_are_the_training_views(datasets):
     """`onepoch report` / TensorBoard view tiles of an encoded split: the views cut from the stored
-    photographs as training cuts them (the same pixels as onepoch.encoded_views), not from the
+    photographs as training cuts them (the same pixels as onepoch.views.encoded), not from the
     evaluation-size images."""
-    from onepoch.encoded_views import first_images_views
-    from onepoch.report import run_view_tiles
+    from onepoch.views.encoded import first_images_views
+    from onepoch.views.tiles import run_view_tiles
     from onepoch.run import view_specs_for
     from onepoch.views import load_view_spec
 

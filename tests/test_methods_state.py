@@ -18,7 +18,8 @@ from onepoch.methods.common import cosine_momentum, ema_update_, stack_views
 from onepoch.methods.ressl import enqueue_
 from onepoch.run import build_model, view_specs_for
 from onepoch.runconfig import load_config, view_groups
-from onepoch.train import make_view_groups, train
+from onepoch.train import train
+from onepoch.views.stream import make_view_groups
 
 
 def tiny(name, tmp_path=None, *extra):

@@ -9,13 +9,14 @@ import torch
 from test_methods import TINY_HEADS
 from test_train import make_blobs
 
-import onepoch.views
+import onepoch.views.render
 from onepoch import methods
 from onepoch.eval import embed_split
 from onepoch.run import build_model, view_spec_for, view_specs_for
 from onepoch.runconfig import load_config
-from onepoch.train import step_view_groups, train
+from onepoch.train import train
 from onepoch.views import get_preset, load_view_spec, make_views
+from onepoch.views.stream import step_view_groups
 
 HEADS = {**TINY_HEADS, "emp_ssl": ["method.pre_feature=32", "method.projector=32-16"]}
 # blur and solarize on half the views each, so both run under every test below
@@ -33,7 +34,7 @@ def blobs(tmp_path_factory):
 def views_never_under_autocast(monkeypatch):
     """Fails the test if any view is rendered while autocast is on (the public renderer, which
     make_views and every caller go through, is wrapped: in its module and in every module that imported it)."""
-    real = onepoch.views.apply_view_params
+    real = onepoch.views.render.apply_view_params
     calls = []
 
     def checked(images, *args, **kwargs):

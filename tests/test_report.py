@@ -7,8 +7,9 @@ from test_train import blobs, tiny_config  # noqa: F401  (fixture)
 
 from onepoch.cli import main
 from onepoch.data import open_split
-from onepoch.report import curves_panels, moving_average, pca_2d, run_view_tiles, view_tiles, write_curves
+from onepoch.report import curves_panels, moving_average, pca_2d, write_curves
 from onepoch.train import train
+from onepoch.views.tiles import run_view_tiles, view_tiles
 
 
 def test_moving_average():

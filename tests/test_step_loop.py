@@ -89,7 +89,7 @@ def test_views_rendered_several_steps_per_call_are_the_same(tmp_path, blobs):
 def test_each_rank_renders_its_rows_of_the_global_views():
     """The views of a 12-image global batch rendered by 1 process equal, image by image, those that
     3 ranks of 4 images render: view randomness does not depend on the number of processes."""
-    from onepoch.train import step_view_groups
+    from onepoch.views.stream import step_view_groups
     from onepoch.views import get_preset, load_view_spec
 
     images = torch.randint(0, 256, (2, 12, 16, 16, 3), dtype=torch.uint8)  # 2 steps

@@ -10,10 +10,10 @@ from test_train import blobs, tiny_config  # noqa: F401  (fixture)
 from onepoch.data import open_split
 from onepoch.errors import ConfigError
 from onepoch.plots import tile_mosaic
-from onepoch.report import run_view_tiles
 from onepoch.runconfig import load_config
 from onepoch.tracking import Tracker, flat_hparams, scalar_tag
 from onepoch.train import train
+from onepoch.views.tiles import run_view_tiles
 
 
 def read_events(run_dir):

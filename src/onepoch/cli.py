@@ -74,12 +74,11 @@ def cmd_views(args: argparse.Namespace) -> int:
     import dataclasses
 
     import numpy as np
-    import torch
 
     from onepoch.data.prepared import open_split
     from onepoch.plots import figure_format
-    from onepoch.report import save_views_figure, view_tiles
-    from onepoch.views import load_view_spec, make_views
+    from onepoch.views import load_view_spec
+    from onepoch.views.tiles import column_titles, first_views, save_views_figure, view_tiles
 
     if args.images < 1 or args.views < 1:
         raise ConfigError("--images and --views must be >= 1")
@@ -103,23 +102,12 @@ def cmd_views(args: argparse.Namespace) -> int:
         specs.append(dataclasses.replace(spec, mean=None, std=None, count=min(spec.count, args.views)))
     n = min(args.images, split.num_images)
     originals = np.array(split.images[:n])  # an encoded split: the evaluation view (resized, centre crop)
-    if split.encoded:
-        # the training path: each image decoded once, at the scale its crops need, all views cut from it
-        from onepoch.encoded_views import first_images_views
-
-        groups = first_images_views(split.images, n, specs, args.seed)
-    else:
-        images = torch.from_numpy(originals)
-        generator = torch.Generator().manual_seed(args.seed)
-        groups = [make_views(images, spec, generator).view(spec.count, n, channels, spec.size, spec.size)
-                  for spec in specs]
+    # an encoded split's views as training cuts them: each image decoded once, at the scale its crops need
+    groups = first_views(split, n, specs, args.seed)
     size = max(spec.size for spec in specs)
     zoom = args.zoom or max(1, math.ceil(64 / size))
     out = Path(args.out)
-    titles = ["image"]
-    for g, spec in enumerate(specs):
-        titles += [f"group {g + 1}\nview {i + 1}" if len(specs) > 1 else f"view {i + 1}" for i in range(spec.count)]
-    save_views_figure(out, view_tiles(originals, groups), col_titles=titles, zoom=zoom)
+    save_views_figure(out, view_tiles(originals, groups), col_titles=column_titles(specs), zoom=zoom)
     sizes = ", ".join(dict.fromkeys(f"{spec.size}x{spec.size}" for spec in specs))
     print(f"wrote {out}: {n} images x {sum(spec.count for spec in specs)} views of {sizes} "
           f"({source}{', ' + ' '.join(args.overrides) if args.overrides else ''}"

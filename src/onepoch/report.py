@@ -28,6 +28,7 @@ from onepoch.eval import embed_split
 from onepoch.plots import line_panels_figure, save_figure, scatter_figure
 from onepoch.run import load_trained, pick_device, read_metrics, read_online_probe, train_seconds, view_spec_for
 from onepoch.runconfig import views_per_image
+from onepoch.views.tiles import run_view_tiles, save_views_figure
 
 FIGURE_FORMATS = ("png", "svg", "pdf")
 
@@ -76,62 +77,6 @@ def write_curves(run_dir: Path, rows: list[dict[str, Any]], smooth: int, fmt: st
     """``curves.<fmt>``: the panels of :func:`curves_panels` in one figure."""
     panels = [{**p, "xlabel": "step"} for p in curves_panels(rows, smooth)]
     return save_figure(line_panels_figure(panels, title=f"{run_dir.name}: training"), run_dir / f"curves.{fmt}")
-
-
-def view_tiles(originals, groups: list[torch.Tensor]) -> np.ndarray:
-    """Tiles (n, 1 + V, s, s, C) in [0, 1]: per image, the image then its views. ``originals`` uint8
-    (n, H, W, C); ``groups`` float views (V_g, n, C, s_g, s_g) in [0, 1] (un-normalised), all shown at
-    the largest view size s (smaller crops enlarged without smoothing, the image resized with
-    antialiasing)."""
-    if not isinstance(originals, torch.Tensor):
-        originals = torch.from_numpy(np.array(originals))  # a copy: memory-mapped splits are read-only
-    n, c = originals.shape[0], originals.shape[-1]
-    size = max(g.shape[-1] for g in groups)
-    tiles = [torch.nn.functional.interpolate(g.flatten(0, 1).float(), size=(size, size), mode="nearest").view(
-        g.shape[0], n, c, size, size) for g in groups]
-    first = originals.permute(0, 3, 1, 2).float().div(255)
-    if first.shape[-1] != size:
-        first = torch.nn.functional.interpolate(first, size=(size, size), mode="bilinear", antialias=True,
-                                                align_corners=False)
-    columns = torch.cat([first[None], *tiles])                                   # (1 + V, n, C, s, s)
-    return columns.permute(1, 0, 3, 4, 2).clamp(0, 1).numpy()
-
-
-def save_views_figure(path: Path, tiles: np.ndarray, *, col_titles: list[str] | None = None,
-                      zoom: int | None = None) -> Path:
-    """Write :func:`view_tiles` output as a figure (one row per image: the image, then its views), each
-    pixel drawn ``zoom`` times (default: tiles at least 64 px wide); PNG, SVG or PDF after ``path``."""
-    from onepoch.plots import image_grid_figure, save_figure
-
-    zoom = zoom or max(1, math.ceil(64 / tiles.shape[2]))
-    return save_figure(image_grid_figure(tiles, col_titles=col_titles, zoom=zoom), path)
-
-
-def run_view_tiles(config, split, images: int = 6, views_per_group: int = 4) -> tuple[np.ndarray, list[str]]:
-    """The first ``images`` images of ``split`` and up to ``views_per_group`` views of each of the
-    run's view groups (its own generator seeded with ``config.seed``: the training randomness is left
-    alone), as :func:`view_tiles`, with column titles. For a JPEG-at-rest split the views are cut as
-    training cuts them (from the stored photographs); the image column is the evaluation view."""
-    from onepoch.run import view_specs_for
-    from onepoch.views import load_view_spec, make_views
-
-    n = min(images, split.num_images)
-    originals = torch.from_numpy(np.array(split.images[:n]))
-    generator = torch.Generator().manual_seed(config.seed)
-    specs = view_specs_for(config, split.mean, split.std)
-    groups, titles = [], ["image"]
-    specs = [load_view_spec(spec, {"count": min(spec.count, views_per_group), "mean": None, "std": None})
-             for spec in specs]
-    for g, spec in enumerate(specs):
-        if not split.encoded:
-            groups.append(make_views(originals, spec, generator).view(spec.count, n, originals.shape[-1], spec.size,
-                                                                      spec.size))
-        titles += [f"group {g + 1}\nview {i + 1}" if len(specs) > 1 else f"view {i + 1}" for i in range(spec.count)]
-    if split.encoded:
-        from onepoch.encoded_views import first_images_views
-
-        groups = first_images_views(split.images, n, specs, config.seed)
-    return view_tiles(originals, groups), titles
 
 
 def write_views(run_dir: Path, config, split, fmt: str = "png") -> Path:

@@ -99,7 +99,7 @@ class Tracker:
                 self.writer.add_scalar(tag, value, step, walltime=record.get("time"))
 
     def log_views(self, step: int, tiles) -> None:
-        """The views grid: :func:`onepoch.report.view_tiles` output (images, then their views, in
+        """The views grid: :func:`onepoch.views.tiles.view_tiles` output (images, then their views, in
         [0, 1]) laid out by :func:`onepoch.plots.tile_mosaic`, as the image ``views``."""
         if not self.enabled:
             return

@@ -12,7 +12,6 @@ view randomness and schedule as an uninterrupted run.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
@@ -47,6 +46,9 @@ from onepoch.run import (
 )
 from onepoch.runconfig import RunConfig, build_config
 from onepoch.tracking import Tracker
+from onepoch.views import load_view_spec, make_views
+from onepoch.views.stream import steps_with_views
+from onepoch.views.tiles import run_view_tiles
 
 
 class TrainingError(OnepochError):
@@ -58,44 +60,6 @@ class TrainingError(OnepochError):
 # --------------------------------------------------------------------------------------------------
 
 
-def make_view_groups(images: torch.Tensor, specs: list, generator: torch.Generator, *,
-                     channels_last: bool) -> list[torch.Tensor]:
-    """The views of a uint8 batch (B, H, W, C) for each spec: a list of (count, B, C, size, size)."""
-    from onepoch.views import make_views
-
-    b = images.shape[0]
-    return [make_views(images, spec, generator, channels_last=channels_last).unflatten(0, (spec.count, b))
-            for spec in specs]
-
-
-def step_view_groups(batches: list[torch.Tensor], specs: list, seed: int, first_step: int, *,
-                     channels_last: bool, rank: int = 0, world_size: int = 1) -> list[list[torch.Tensor]]:
-    """The views of consecutive training steps, rendered in one call per view group.
-
-    ``batches[k]`` is this rank's uint8 batch (b, H, W, C) of step ``first_step + k``: rows
-    ``rank*b .. rank*b + b - 1`` of the global batch of ``b * world_size`` images. The random
-    parameters of step s, group g are drawn for the global batch from
-    :func:`onepoch.views.seeded_generator` ``(seed, s, g)`` and each rank renders its own rows, so
-    the views of an image do not depend on the number of processes, on how many steps are rendered
-    together, nor on where a run resumed. Returns, per step, a list of (count, b, C, size, size) per
-    group (float32, outside autocast).
-    """
-    from onepoch.encoded_views import rank_view_params
-    from onepoch.views import apply_view_params, concat_view_params, seeded_generator
-
-    sizes = [b.shape[0] for b in batches]
-    images = batches[0] if len(batches) == 1 else torch.cat(batches)
-    h, w = images.shape[1], images.shape[2]
-    per_step: list[list[torch.Tensor]] = [[] for _ in batches]
-    for g, spec in enumerate(specs):
-        params = [rank_view_params(spec, n, h, w, seeded_generator(seed, first_step + k, g), rank=rank,
-                                   world_size=world_size) for k, n in enumerate(sizes)]
-        views = apply_view_params(images, concat_view_params(params, sizes), spec, channels_last=channels_last)
-        for k, part in enumerate(views.split([spec.count * n for n in sizes])):
-            per_step[k].append(part.unflatten(0, (spec.count, sizes[k])))
-    return per_step
-
-
 def build_online_probe(feature_dim: int, num_classes: int) -> nn.Module:
     """BatchNorm (no affine) then Linear: a linear classifier on standardised features."""
     return nn.Sequential(nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, num_classes))
@@ -105,8 +69,6 @@ def build_online_probe(feature_dim: int, num_classes: int) -> nn.Module:
 def online_probe_accuracy(model: nn.Module, probe: nn.Module, split, spec, *, device: torch.device,
                           batch_size: int, seed: int, amp: bool, channels_last: bool) -> float:
     """Accuracy of the online probe on ``split``: one view per image (the training recipe, seeded)."""
-    from onepoch.views import load_view_spec, make_views
-
     one = load_view_spec(spec, {"count": 1})
     generator = torch.Generator().manual_seed(seed)
     model.eval()
@@ -338,80 +300,6 @@ def _steps(loader, step: int, end_step: int):
             step += 1
 
 
-def _steps_with_views(steps, specs: list, seed: int, per_call: int, channels_last: bool, world,
-                      device: torch.device, decode_threads: int = 0):
-    """(step, batch, view groups) with the views of ``per_call`` consecutive steps rendered per call.
-    Batches of an encoded (JPEG-at-rest) split are decoded in a thread pool one call ahead, while the
-    previous steps train."""
-    chunk = []
-
-    def render():
-        views = step_view_groups([b.images for _, b in chunk], specs, seed, chunk[0][0], channels_last=channels_last,
-                                 rank=world.rank, world_size=world.size)
-        return [(s, b, v) for (s, b), v in zip(chunk, views)]
-
-    first = next(steps, None)
-    if first is None:
-        return
-    steps = itertools.chain([first], steps)
-    if not isinstance(first[1].images, torch.Tensor):
-        yield from _encoded_steps_with_views(steps, specs, seed, per_call, channels_last, world, device,
-                                             decode_threads)
-        return
-    for item in steps:
-        chunk.append(item)
-        if len(chunk) == per_call:
-            yield from render()
-            chunk = []
-    if chunk:
-        yield from render()
-
-
-def _encoded_steps_with_views(steps, specs: list, seed: int, per_call: int, channels_last: bool, world,
-                              device: torch.device, decode_threads: int):
-    from concurrent.futures import ThreadPoolExecutor
-
-    from onepoch.data.encoded import default_threads
-    from onepoch.encoded_views import device_jpeg_decoder, finish_encoded_views, start_encoded_views
-
-    device_decode = device_jpeg_decoder(device)  # nvJPEG on CUDA where torchvision offers it
-
-    trained = None  # the call before the one training: when a call starts, its steps have trained, and
-    # the new call's views are rendered into its buffers (start_encoded_views' reuse)
-    training = None
-
-    def start(chunk):
-        return chunk, start_encoded_views([b.images for _, b in chunk], specs, seed, chunk[0][0], pool,
-                                          rank=world.rank, world_size=world.size, device_decode=device_decode,
-                                          render_in_pool=device.type == "cpu", reuse=trained)
-
-    def finish(started):
-        nonlocal trained, training
-        chunk, pending = started
-        views = finish_encoded_views(pending, specs, device, channels_last=channels_last)
-        trained, training = training, pending
-        return [(s, b, v) for (s, b), v in zip(chunk, views)]
-
-    with ThreadPoolExecutor(decode_threads or default_threads()) as pool:
-        ahead = None  # the previous call's steps, decoding while the ones before them train
-        chunk = []
-        for item in steps:
-            chunk.append(item)
-            if len(chunk) == per_call:
-                started = start(chunk)
-                chunk = []
-                if ahead is not None:
-                    yield from finish(ahead)
-                ahead = started
-        if chunk:
-            started = start(chunk)
-            if ahead is not None:
-                yield from finish(ahead)
-            ahead = started
-        if ahead is not None:
-            yield from finish(ahead)
-
-
 def _probe_step(probe: nn.Module, probe_opt: torch.optim.Optimizer, feats: torch.Tensor, labels: torch.Tensor
                 ) -> torch.Tensor:
     """One Adam step of the online probe on the detached first-view features: returns [loss, accuracy]
@@ -603,8 +491,6 @@ def train(config: RunConfig, *, resume: bool | str | None = None, progress_bar: 
         _truncate_metrics(metrics_path, step)
     tracker.start_step = step
     if step == 0 and "tensorboard" in config.train.log_to and world.main:
-        from onepoch.report import run_view_tiles
-
         tracker.log_views(0, run_view_tiles(config, run.split)[0])
 
     end_step = run.total_steps if tc.max_steps is None else min(run.total_steps, tc.max_steps)
@@ -614,8 +500,8 @@ def train(config: RunConfig, *, resume: bool | str | None = None, progress_bar: 
     first_step = step
     bar = progress(total=end_step, initial=step, desc=f"train {config.name}", unit="step",
                    disable=not (progress_bar and world.main))
-    stream = _steps_with_views(_steps(run.loader, step, end_step), run.specs, config.seed, view_steps,
-                               run.channels_last, world, run.device, config.data.decode_threads)
+    stream = steps_with_views(_steps(run.loader, step, end_step), run.specs, config.seed, view_steps,
+                              run.channels_last, world, run.device, config.data.decode_threads)
     with open(metrics_path, "a", encoding="utf-8") if world.main else _no_file() as metrics_file, tracker:
         log = _StepLog(metrics_file, bar, tracker, patches_per_step=run.patches_per_step,
                        checkpoints=run_dir / "checkpoints")

@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from onepoch.data.encoded import EncodedImages
 from onepoch.data.prepared import PreparedSplit, open_split
 from onepoch.errors import ConfigError
 
@@ -24,13 +25,27 @@ RESIDENT_FRACTION = 0.5
 
 
 @dataclass
+class EncodedBatch:
+    """A training batch of an encoded split, not yet decoded: this rank's rows ``index`` (b,) of the
+    step's global rows ``global_index`` (b * world_size,)."""
+
+    images: EncodedImages
+    index: np.ndarray
+    global_index: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index),)
+
+
+@dataclass
 class Batch:
     """``images`` uint8 (B, H, W, C) and ``labels`` int64 (B,) on the loader's device;
     ``indices`` (B,) int64 on the CPU: the rows of the split they came from. For an encoded
-    (JPEG-at-rest) split, ``images`` is an :class:`onepoch.encoded_views.EncodedBatch`, decoded
-    when its views are made."""
+    (JPEG-at-rest) split, ``images`` is an :class:`EncodedBatch`, decoded when its views are made
+    (:mod:`onepoch.views.encoded`)."""
 
-    images: torch.Tensor
+    images: torch.Tensor | EncodedBatch
     labels: torch.Tensor
     indices: torch.Tensor
 
@@ -95,7 +110,7 @@ class BatchLoader:
                 f"than the {split.split} split ({n} images); use a smaller batch"
             )
         nbytes = split.images.nbytes
-        if split.encoded:  # JPEG at rest: batches are decoded per step (onepoch.encoded_views)
+        if split.encoded:  # JPEG at rest: batches are decoded per step (onepoch.views.encoded)
             resident = False
         if resident is None:
             resident = nbytes <= RESIDENT_FRACTION * available_memory(self.device)
@@ -147,8 +162,6 @@ class BatchLoader:
             chunk = order[step * global_batch:(step + 1) * global_batch]
             idx = chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
             if self.split.encoded:
-                from onepoch.encoded_views import EncodedBatch
-
                 images = EncodedBatch(self.split.images, idx.numpy(), chunk.numpy())
             else:
                 images = self._gather(idx)

@@ -3,7 +3,7 @@
 For a step of ``b`` images and view groups ``specs``:
 
 1. the random parameters of every view are drawn first, exactly as for raw images
-   (:func:`onepoch.views.sample_view_params` with each image's own stored size, from the generator of
+   (:func:`onepoch.views.params.sample_view_params` with each image's own stored size, from the generator of
    ``(seed, step, group)``), so the crops are boxes in full-size pixels;
 2. each image is decoded **once**, at the smallest scale its crops need: the largest reduction r in
    (1, 2, 4, 8) at which the shorter side of every one of its crops, in every group, still has at
@@ -13,7 +13,7 @@ For a step of ``b`` images and view groups ``specs``:
    1/r scale a box's corners fall on multiples of r full-size pixels, at most r/2 pixels from where
    they were drawn, under 1/(2 x size) of the crop's side: another valid random crop), the
    decoded images are padded into one uint8 batch, and every group's views are rendered from it by
-   the batched view code (:func:`onepoch.views.apply_view_params`), on the training device.
+   the batched view code (:func:`onepoch.views.render.apply_view_params`), on the training device.
 
 On CUDA, when the installed torchvision offers batched nvJPEG decoding (``torchvision.io.decode_jpeg``
 with ``device="cuda"``), step 2 decodes the step's images on the GPU instead, at full scale (nvJPEG has
@@ -33,35 +33,10 @@ import numpy as np
 import torch
 
 from onepoch.data.encoded import EncodedImages, decode_image, pad_into_canvas, reduction_for, scale_crops
-from onepoch.views import (ViewParams, apply_view_params, one_torch_thread, resize_view, sample_view_params,
-                           seeded_generator)
-
-
-@dataclass
-class EncodedBatch:
-    """A training batch of an encoded split, not yet decoded: this rank's rows ``index`` (b,) of the
-    step's global rows ``global_index`` (b * world_size,)."""
-
-    images: EncodedImages
-    index: np.ndarray
-    global_index: np.ndarray
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.index),)
-
-
-def rank_view_params(spec: Any, n: int, heights: Any, widths: Any, generator: torch.Generator, *,
-                     rank: int = 0, world_size: int = 1) -> ViewParams:
-    """The parameters of this rank's views: drawn for the global batch of ``n * world_size`` images
-    (``heights``/``widths``: one size, or the global batch's sizes), then rank ``rank``'s rows
-    ``v*B + rank*n + (0..n-1)`` of every view v, ``image_index`` counted from this rank's first image."""
-    full = sample_view_params(spec, n * world_size, heights, widths, generator)
-    if world_size > 1:
-        rows = (torch.arange(spec.count).view(-1, 1) * n * world_size + rank * n + torch.arange(n)).flatten()
-        full = full.rows(rows)
-        full.image_index -= rank * n
-    return full
+from onepoch.data.loader import EncodedBatch
+from onepoch.views.ops import one_torch_thread, resize_view
+from onepoch.views.params import ViewParams, rank_view_params, seeded_generator
+from onepoch.views.render import apply_view_params
 
 
 @dataclass
@@ -126,9 +101,9 @@ def start_encoded_views(batches: list[EncodedBatch], specs: list, seed: int, fir
 
     ``render_in_pool`` (for views rendered on the CPU): all the views are rendered in the pool, off the
     training thread, on one torch thread per task. One task per image decodes it, then cuts and resizes
-    its views one at a time (:func:`onepoch.views.resize_view`) into their rows of a uint8 buffer per
+    its views one at a time (:func:`onepoch.views.ops.resize_view`) into their rows of a uint8 buffer per
     group; once a step's images are done, tasks of ``RENDER_CHUNK`` consecutive views each apply the
-    colour ops, blur, solarize and normalisation (:func:`onepoch.views.apply_view_params`) into a float32
+    colour ops, blur, solarize and normalisation (:func:`onepoch.views.render.apply_view_params`) into a float32
     output per group. ``reuse``: earlier pending views whose rendered views are no longer used (in the
     trainer, the call before the one training now): their buffers are written again where the shapes
     match, instead of fresh memory, whose page faults cost ~0.4 s per 2000 views of 224x224. Those

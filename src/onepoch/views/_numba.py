@@ -1,16 +1,16 @@
-"""The numba kernels behind :mod:`onepoch.colour_kernels` (imported only when numba is installed; see
-that module for the formulas). Module-level functions, so that numba's on-disk cache finds them again
-in the next process."""
+"""The numba kernels behind :mod:`onepoch.views.kernels` (imported only when numba is installed; see
+that module for the formulas), and the bits of a view's ``mode`` they read. Module-level functions, so
+that numba's on-disk cache finds them again in the next process."""
 
 from __future__ import annotations
 
 import numba
 import numpy as np
 
-from onepoch.colour_kernels import BLUR, FINISH, GRAYSCALE, SOLARIZE
+GRAYSCALE, FINISH, SOLARIZE, BLUR = 1, 2, 4, 8  # bits of a view's ``mode``
 
 f32 = np.float32
-wr, wg, wb = f32(0.299), f32(0.587), f32(0.114)  # onepoch.views.GRAY_WEIGHTS
+wr, wg, wb = f32(0.299), f32(0.587), f32(0.114)  # onepoch.views.ops.GRAY_WEIGHTS
 zero, one = f32(0.0), f32(1.0)
 
 
@@ -123,7 +123,7 @@ def render(src, src_at, out, out_at, side, gain, contrast, saturation, hue, mode
            do_saturation, do_hue, mean, inv_std):
     """The views of ``src`` through the colour ops into ``out``: view ``i`` is the 3 planes of ``side`` x
     ``side`` values from ``src[src_at[i]]`` (1-D, uint8 or float32), written from ``out[out_at[i]]`` (1-D float32);
-    see :func:`onepoch.colour_kernels.render_colour` for the rest. (Planes cut from 1-D C-contiguous arrays
+    see :func:`onepoch.views.kernels.render_colour` for the rest. (Planes cut from 1-D C-contiguous arrays
     are C-contiguous, which numba needs to vectorise.)"""
     pixels = side * side
     tmp = np.empty(pixels, np.float32)

@@ -1,6 +1,6 @@
 """Fused CPU kernels for the per-pixel half of a view recipe (optional: needs numba).
 
-On CPU, :func:`onepoch.views.apply_view_params` runs the colour ops of a view (brightness, contrast,
+On CPU, :func:`onepoch.views.render.apply_view_params` runs the colour ops of a view (brightness, contrast,
 saturation, hue, grayscale, then solarize and normalisation) as ~45 eager torch passes over
 memory. When numba is installed (``pip install "onepoch[fast]"``), :func:`render_colour` does
 all of them in one pass per view (plus one read-only pass for the contrast mean), compiled for the
@@ -21,7 +21,8 @@ thread; the kernels release Python's lock, so a decode pool's threads run them i
 
 ``ONEPOCH_CPU_KERNELS`` chooses: ``auto`` (the default: the kernels when numba imports), ``numba``
 (required: an error without it) or ``torch`` (the eager ops). The first call in a process loads the
-compiled kernels from numba's on-disk cache (~0.5 s; compiling them the first time takes ~10 s).
+compiled kernels from numba's on-disk cache (~0.5 s; compiling them the first time takes ~10 s). The
+kernels themselves are in :mod:`onepoch.views._numba`, imported only when numba is installed.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ import torch
 from onepoch.errors import ConfigError
 
 __all__ = ["available", "render_colour"]
-
-GRAYSCALE, FINISH, SOLARIZE, BLUR = 1, 2, 4, 8  # bits of a view's ``mode`` in the kernel
 
 _lock = threading.Lock()
 _kernel: Any = None
@@ -61,12 +60,13 @@ def available() -> bool:
 
 
 def _compiled() -> Any:
+    """The kernels' module, :mod:`onepoch.views._numba`, or None without numba (imported once)."""
     global _kernel, _tried
     if not _tried:
         with _lock:
             if not _tried:
                 try:
-                    from onepoch._colour_numba import render as _kernel
+                    from onepoch.views import _numba as _kernel
                 except ImportError:
                     _kernel = None
                 _tried = True
@@ -94,8 +94,8 @@ def render_colour(src: torch.Tensor, out: torch.Tensor, *, gain: torch.Tensor, c
     elif blur_taps.shape[0] != m or blur_taps.shape[1] // 2 >= src.shape[-1]:
         raise ValueError(f"blur_taps must be (m, 2r + 1) with r under the views' side, got "
                          f"{blur_taps.shape} for views {tuple(src.shape)}")
-    mode = (grayscale.astype(np.uint8) * GRAYSCALE | finish.astype(np.uint8) * FINISH
-            | solarize.astype(np.uint8) * SOLARIZE | blur_taps.any(1).astype(np.uint8) * BLUR)
+    mode = (grayscale.astype(np.uint8) * kernel.GRAYSCALE | finish.astype(np.uint8) * kernel.FINISH
+            | solarize.astype(np.uint8) * kernel.SOLARIZE | blur_taps.any(1).astype(np.uint8) * kernel.BLUR)
     ones = np.ones(m, np.float32)
 
     def arr(t: torch.Tensor | None) -> np.ndarray:
@@ -106,7 +106,7 @@ def render_colour(src: torch.Tensor, out: torch.Tensor, *, gain: torch.Tensor, c
     inv_std = (1 / np.broadcast_to(np.asarray(std if norm else 1.0, np.float32), 3)).astype(np.float32)
     src_flat, src_at = _flat_views(src if m == 0 or src[0].is_contiguous() else src.contiguous())
     out_flat, out_at = _flat_views(out)
-    kernel(src_flat, src_at, out_flat, out_at, src.shape[-1], arr(gain), arr(contrast), arr(saturation),
+    kernel.render(src_flat, src_at, out_flat, out_at, src.shape[-1], arr(gain), arr(contrast), arr(saturation),
            arr(hue) if hue is not None else np.zeros(m, np.float32), mode,
            np.ascontiguousarray(blur_taps, dtype=np.float32), np.float32(threshold),
            contrast is not None, saturation is not None, hue is not None, means, inv_std)
