@@ -108,7 +108,7 @@ def test_cli_train_then_eval_and_resume(tmp_path, blobs, capsys):  # noqa: F811
     out = capsys.readouterr().out
     assert "trained to step 3" in out and "wrote" in out
     report = json.loads((tmp_path / "cli" / "eval.json").read_text())
-    assert report["step"] == 3 and set(report["results"]["full"]) == {"dim", "knn", "embed_seconds"}
+    assert report["step"] == 3 and set(report["results"]["full"]) == {"dim", "knn", "embed_seconds", "test_images"}
     assert main(args) == 2  # the run exists: refuse to overwrite it
     assert "already exists; pass --resume" in capsys.readouterr().err
     assert main([*args[:-3], "name=cli", "eval.features=[full]", "eval.probes=[knn]", "--resume"]) == 0

@@ -17,6 +17,12 @@ training set and the test accuracy reported once at that choice: ``linear`` (sof
 ``mlp`` (one hidden layer with BatchNorm and dropout: the non-linear probe) and ``knn`` (weighted
 k-NN, cosine, with a sweep over k and the temperature). ``eval.layer`` picks what ``bag`` and ``full``
 read: the backbone output, EMP-SSL's ``pre_feature`` or the projector output.
+
+Protocols (``eval.protocol``): ``onepoch`` (the probes above); ``paper``: EMP-SSL's official evaluation
+(:mod:`onepoch.paper_probes`: SGD linear probe on the raw bag for 100 epochs, reporting the last epoch and
+the best epoch chosen on test as the paper does, and k-NN with k = 20, T = 0.07) on the ``bag`` feature
+only, reported and never used to choose anything; ``both``: the two on one shared bag embedding. Every
+probe entry in ``eval.json`` names its ``protocol``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import math
 import os
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +42,7 @@ from torch import nn
 
 from onepoch.atomic import atomic_write_text
 from onepoch.errors import ConfigError
+from onepoch.paper_probes import PAPER_KNN, PAPER_LINEAR, paper_knn_probe, paper_linear_probe
 from onepoch.probes import knn_probe, linear_probe, mlp_probe
 from onepoch.progress import progress
 from onepoch.run import load_trained, pick_device, use_amp, view_spec_for
@@ -204,10 +212,27 @@ def evaluate_model(model: nn.Module, config: RunConfig, *, device: torch.device,
                 r = knn_probe(ftr, ytr, fte, yte, k=ec.knn_k, temperature=ec.knn_temperature,
                               num_classes=num_classes, val_fraction=ec.val_fraction, seed=ec.seed)
             entry[probe] = {"test_acc": r.test_acc, "val_acc": r.val_acc, "chosen": r.chosen,
-                            "seconds": time.perf_counter() - t0}
+                            "seconds": time.perf_counter() - t0, "protocol": "onepoch"}
             log(f"  {name:<10} {probe:<6} test {100 * r.test_acc:6.2f} %  (val {100 * r.val_acc:6.2f} %, "
                 f"{', '.join(f'{k}={v}' for k, v in r.chosen.items())})")
         return entry
+
+    def run_paper_probes(entry: dict[str, Any], ftr: torch.Tensor, fte: torch.Tensor) -> None:
+        """EMP-SSL's official probes on this (bag) feature, added to ``entry``; chosen on nothing but the
+        test set's best epoch, which is labelled as such."""
+        t0 = time.perf_counter()
+        r = paper_linear_probe(ftr, ytr, fte, yte, num_classes=num_classes, seed=ec.seed)
+        entry["paper_linear"] = {"test_acc": r.last_test_acc, "best_test_acc": r.best_test_acc,
+                                 "best_epoch": r.best_epoch, "chosen_on": "test (best epoch, the paper's way)",
+                                 "settings": dict(PAPER_LINEAR), "seconds": time.perf_counter() - t0,
+                                 "protocol": "paper"}
+        log(f"  {'bag':<10} paper linear: last epoch {100 * r.last_test_acc:6.2f} %, best epoch "
+            f"{100 * r.best_test_acc:6.2f} % (epoch {r.best_epoch}, chosen on test as in the paper)")
+        t0 = time.perf_counter()
+        acc = paper_knn_probe(ftr, ytr, fte, yte, num_classes=num_classes)
+        entry["paper_knn"] = {"test_acc": acc, "settings": dict(PAPER_KNN), "seconds": time.perf_counter() - t0,
+                              "protocol": "paper"}
+        log(f"  {'bag':<10} paper k-NN (k=20, T=0.07): {100 * acc:6.2f} %")
 
     if include_raw_pixels:
         ftr = torch.from_numpy(np.array(train_split.images)).reshape(train_split.num_images, -1).float().div(255)
@@ -215,7 +240,12 @@ def evaluate_model(model: nn.Module, config: RunConfig, *, device: torch.device,
         ftr, fte = ftr.to(device), fte.to(device)
         results["raw_pixels"] = run_probes("raw_pixels", ftr, fte, ("linear",))
         del ftr, fte
-    for kind in features or ec.features:
+    kinds = tuple(features or ec.features)
+    if ec.protocol == "paper":
+        kinds = ("bag",)
+    elif ec.protocol == "both" and "bag" not in kinds:
+        kinds += ("bag",)
+    for kind in kinds:
         t0 = time.perf_counter()
         spec_k = spec if kind != "bag" else _with_count(spec, ec.bag_patches)
         ftr = embed_split(model, train_split.images, kind, spec=spec_k, batch_size=ec.batch_size, device=device,
@@ -225,8 +255,11 @@ def evaluate_model(model: nn.Module, config: RunConfig, *, device: torch.device,
                           seed=ec.seed + 1, amp=amp, channels_last=channels_last, progress_desc=f"embed test ({kind})",
                           layer=ec.layer, max_patches=ec.max_patches)
         embed_s = time.perf_counter() - t0
-        results[kind] = run_probes(kind, ftr, fte, ec.probes)
+        results[kind] = run_probes(kind, ftr, fte, ec.probes if ec.protocol != "paper" else ())
+        if kind == "bag" and ec.protocol != "onepoch":
+            run_paper_probes(results[kind], ftr, fte)
         results[kind]["embed_seconds"] = embed_s
+        results[kind]["test_images"] = int(fte.shape[0])
         if kind == "bag":
             results[kind]["patches"] = ec.bag_patches
     return results
@@ -253,21 +286,66 @@ def evaluate_run(run_dir: str | os.PathLike, *, overrides: dict[str, Any] | None
     results = evaluate_model(model, config, device=device, train_split=train_split, test_split=test_split, spec=spec,
                              log=log)
     report = {"run": str(run_dir), "checkpoint": ckpt.name, "step": step,
-              "eval_config": asdict(config.eval), "results": results}
+              "eval_config": asdict(config.eval), "test_images": test_split.num_images,
+              "results": merge_results(_earlier_results(run_dir / "eval.json", ckpt.name, step), results)}
     atomic_write_text(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
     with tracker:
         tracker.log_hparams(config, results)
     return report
 
 
+def _earlier_results(path: Path, checkpoint: str, step: int) -> dict[str, Any]:
+    """The results of an earlier ``eval.json`` of the same checkpoint (nothing when there is none, it is
+    of another checkpoint, or it cannot be read)."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(earlier, dict) or earlier.get("checkpoint") != checkpoint or earlier.get("step") != step:
+        return {}
+    results = earlier.get("results")
+    return results if isinstance(results, dict) else {}
+
+
+_FEATURE_SETTINGS = ("dim", "patches", "test_images")
+
+
+def merge_results(earlier: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` over ``earlier``, feature by feature and probe by probe: an earlier probe entry is kept
+    unless the new evaluation ran the same probe on that feature; an earlier feature entry whose settings
+    (dimension, bag patches, test images) differ from the new one's is replaced whole."""
+    merged = {kind: dict(entry) for kind, entry in earlier.items() if isinstance(entry, dict)}
+    for kind, entry in new.items():
+        old = merged.get(kind)
+        if old is None or any(old.get(key) != entry.get(key) for key in _FEATURE_SETTINGS):
+            merged[kind] = dict(entry)
+        else:
+            old.update(entry)
+    return merged
+
+
+PROBE_COLUMNS = ("linear", "mlp", "knn", "paper_linear", "paper_linear_best", "paper_knn")
+
+
+def _cell(entry: dict[str, Any], column: str) -> str:
+    if column == "paper_linear_best":
+        value = entry.get("paper_linear", {}).get("best_test_acc")
+    else:
+        value = entry.get(column, {}).get("test_acc")
+    return f"{100 * value:>10.2f}" if value is not None else f"{'-':>10}"
+
+
 def format_table(rows: list[tuple[str, dict[str, Any]]], probes=None) -> str:
     """A plain-text table: one row per (label, results-of-one-feature-kind); columns: ``probes``
     (default: those present, in the order linear, mlp, knn)."""
     if probes is None:
-        probes = [p for p in ("linear", "mlp", "knn") if any(p in entry for _, entry in rows)]
-    head = f"{'':<34}" + "".join(f"{p + ' %':>10}" for p in probes)
+        probes = [p for p in PROBE_COLUMNS if any(p.removesuffix("_best") in entry for _, entry in rows)]
+    titles = {"paper_linear": "paper-lin", "paper_linear_best": "best-ep*", "paper_knn": "paper-knn"}
+    head = f"{'':<34}" + "".join(f"{titles.get(p, p) + ' %':>10}" for p in probes)
     lines = [head]
     for label, entry in rows:
-        cells = "".join(f"{100 * entry[p]['test_acc']:>10.2f}" if p in entry else f"{'-':>10}" for p in probes)
-        lines.append(f"{label:<34}{cells}")
+        lines.append(f"{label:<34}" + "".join(_cell(entry, p) for p in probes))
+    if "paper_linear_best" in probes:
+        lines.append("paper-*: EMP-SSL's official evaluation (last epoch); best-ep*: its best epoch, chosen on "
+                     "the test set as the paper reports it")
     return "\n".join(lines)
