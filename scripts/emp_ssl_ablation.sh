@@ -11,6 +11,7 @@
 # JPEG cells, cifar10-q75, cifar10-q95, cifar10-q55 (the copy encoded once more by
 # scripts/reencode_jpeg_npz.py at that quality, then prepared the same way).
 set -euo pipefail
+set -f  # the overrides hold [ ]: no filename expansion
 DATA=${DATA:-data}
 ONEPOCH=${ONEPOCH:-onepoch}
 OUT=${OUT:-runs/emp_ssl_ablation}
@@ -25,8 +26,9 @@ declare -A CELLS=(
   [jpeg75]="data.root=$DATA/cifar10-q75"     # the copy JPEG-encoded once more at quality 75
   [jpeg95]="data.root=$DATA/cifar10-q95"     # ... at quality 95
   [jpeg55]="data.root=$DATA/cifar10-q55"     # ... at quality 55: a second loss as large as the first (5.8/255)
+  [norm05]="views.mean=[0.5,0.5,0.5] views.std=[0.5,0.5,0.5]"  # the official code's input normalisation
 )
-ORDER=(base sched2 sched30 bf16 jpeg55 jpeg75 jpeg95)
+ORDER=(base sched2 sched30 bf16 jpeg55 jpeg75 jpeg95 norm05)
 if [ $# -gt 0 ]; then ORDER=("$@"); fi
 
 for seed in $SEEDS; do

@@ -134,6 +134,8 @@ def test_paper_recipes_reproduce_the_official_readme_rows():
             assert (config.train.epochs, config.optim.warmup_steps, config.optim.lr) == (1, 0, 0.3)
             assert (config.views["count"], config.data.batch_size) == (20, 100)
             assert (config.eval.bag_patches, config.train.amp) == (128, "auto")
+            # the official dataset/aug.py: Normalize([0.5] * 3, [0.5] * 3) on every patch
+            assert (config.view_specs[0].mean, config.view_specs[0].std) == ((0.5,) * 3, (0.5,) * 3)
         assert (headline.optim.schedule_epochs, thirty.optim.schedule_epochs) == (2, 30)
         assert thirty.name == f"emp_ssl_{data}_1epoch_schedule30"
     # the official code trains in fp32: `train.amp=off` on the command line (YAML reads off as false)
