@@ -139,3 +139,20 @@ def test_export_errors(tmp_path, capsys):
     torch.save({"conv1.weight": torch.zeros(8, 3, 5, 5)}, tmp_path / "odd.pth")
     with pytest.raises(ConfigError, match=r"not a ResNet onepoch knows: basic blocks \(0, 0, 0, 0\), 5x5 stem"):
         onepoch.load_backbone(tmp_path / "odd.pth")
+
+
+def test_export_never_replaces_an_existing_file_without_force(tmp_path, capsys):
+    """Issue 29: --out naming an existing file (any file) is refused, byte-identical, unless --force."""
+    ckpt = fake_checkpoint(tmp_path, "resnet18")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    for fmt in ("torchvision", "safetensors"):
+        assert main(["export", str(ckpt), "--format", fmt, "--out", str(notes)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("onepoch: error: ") and len(err.strip().splitlines()) == 1
+        assert f"--out {notes} already exists; pass --force to replace it" in err
+        assert notes.read_text() == "my notes\n"
+    assert main(["export", str(ckpt), "--format", "torchvision", "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a directory" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--format", "torchvision", "--out", str(notes), "--force"]) == 0
+    assert "conv1.weight" in torch.load(notes, weights_only=True)

@@ -603,6 +603,14 @@ def _flip_last_image_byte(root: Path) -> str:
     return r"train/images\.npy: checksum does not match meta\.json"
 
 
+def _flip_test_image_byte(root: Path) -> str:
+    path = root / "test" / "images.npy"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    return r"test/images\.npy: checksum does not match meta\.json"
+
+
 def _cut_images(root: Path) -> str:
     path = root / "train" / "images.npy"
     path.write_bytes(path.read_bytes()[:-500])
@@ -619,8 +627,10 @@ def _no_dataset_json(root: Path) -> str:
     return r"is not an onepoch prepared dataset \(no valid dataset\.json\)"
 
 
-@pytest.mark.parametrize("damage", [_flip_last_image_byte, _cut_images, _float_labels, _no_dataset_json],
-                         ids=["checksum mismatch", "truncated images.npy", "float labels.npy", "no dataset.json"])
+@pytest.mark.parametrize("damage", [_flip_last_image_byte, _flip_test_image_byte, _cut_images, _float_labels,
+                                    _no_dataset_json],
+                         ids=["checksum mismatch", "test split checksum mismatch", "truncated images.npy",
+                              "float labels.npy", "no dataset.json"])
 def test_damaged_prepared_dataset_stops_training_before_the_run_starts(tmp_path, capsys, damage):
     root = make_blobs(tmp_path / "blobs")
     pattern = damage(root)
@@ -745,3 +755,82 @@ def test_eval_refuses_a_checkpoint_of_another_architecture(tmp_path, base, capsy
     code, _, err = cli(capsys, "eval", run, "--probe", "knn", "--features", "full")
     assert_one_line_error(code, err, pattern)
     assert tree_bytes(run) == before
+
+
+def test_a_damaged_test_split_stops_eval_before_it_writes(tmp_path, capsys):
+    """Issue 29: `onepoch eval` (like train's online probe) refused a test split with a flipped byte only
+    when... never: it evaluated on it without a word. Now it stops naming the file; eval.json is untouched."""
+    root = make_blobs(tmp_path / "blobs")
+    run = fresh_run(root, tmp_path / "runs")
+    before = tree_bytes(run)
+    pattern = _flip_test_image_byte(root)
+    code, _, err = cli(capsys, "eval", run, "--probe", "knn")
+    assert_one_line_error(code, err, pattern)
+    assert tree_bytes(run) == before
+
+
+def test_a_corrupted_encoded_test_split_stops_training_before_the_run_starts(tmp_path, capsys):
+    """Issue 29: a byte changed in test/encoded.bin of a JPEG-at-rest dataset was found only after
+    training ('image 0: cannot decode'); now train stops first, naming the split's file."""
+    from test_encoded import jpeg_records, prepare
+
+    root = prepare(tmp_path / "ds", jpeg_records(8, 0, 40, 60), jpeg_records(4, 1, 40, 60))
+    blob = root / "test" / "encoded.bin"
+    raw = bytearray(blob.read_bytes())
+    raw[:64] = bytes(64)                                       # the JPEG headers of the first image
+    blob.write_bytes(bytes(raw))
+    code, _, err = cli(capsys, "train", "emp_ssl/imagenet100_1epoch", "model.arch=resnet10", "model.width=0.0625",
+                       "method.pre_feature=32", "method.projector=32-16", "views.count=2", "views.size=16",
+                       "data.batch_size=4", "train.threads=1", f"data.root={root}", f"train.out={tmp_path / 'runs'}",
+                       "name=t", "train.max_steps=1")
+    assert_one_line_error(code, err, r"test/encoded\.bin: checksum does not match meta\.json")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_verifying_a_large_split_reads_a_bounded_sample_when_its_stamp_holds(tmp_path, monkeypatch):
+    """A split file larger than FULL_HASH_BYTES with its recorded size and modification time is checked
+    by a sampled hash; a changed time means a full re-hash; a changed size is refused at once."""
+    from onepoch.data import checksum
+    from onepoch.data.prepared import open_split
+    from onepoch.errors import DataError
+
+    monkeypatch.setattr(checksum, "FULL_HASH_BYTES", 0)          # every file counts as large
+    monkeypatch.setattr(checksum, "SAMPLE_BLOCK_BYTES", 64)      # 64 blocks of 64 bytes of 9,344
+    root = make_blobs(tmp_path / "blobs", n_train=64)
+    path = root / "train" / "images.npy"
+    size = path.stat().st_size
+    assert size == 128 + 64 * 12 * 12                            # npy header + 64 images of 12x12
+    offsets = checksum.sample_offsets(size)
+    assert offsets[0] == 0 and offsets[-1] == size - 64 and len(offsets) == 64
+    meta_stamp = json.loads((root / "train" / "meta.json").read_text())["stamps"]["images.npy"]
+    assert meta_stamp["bytes"] == size
+
+    def flip(at: int, keep_time: bool) -> None:
+        st = path.stat()
+        data = bytearray(path.read_bytes())
+        data[at] ^= 0x01
+        path.write_bytes(bytes(data))
+        if keep_time:
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    open_split(root, "train", verify=True)
+    unsampled = next(i for i in range(128, size) if not any(o <= i < o + 64 for o in offsets))
+    flip(unsampled, keep_time=True)         # outside every sampled block, time kept: the bound's blind spot
+    open_split(root, "train", verify=True)
+    flip(unsampled, keep_time=False)        # back to the old bytes, but the time changed: full hash, intact
+    open_split(root, "train", verify=True)
+    flip(offsets[10] + 5, keep_time=False)  # a new time: the full hash finds it
+    with pytest.raises(DataError, match=r"train/images\.npy: checksum does not match meta\.json"):
+        open_split(root, "train", verify=True)
+    flip(offsets[10] + 5, keep_time=True)   # restored...
+    json_meta = json.loads((root / "train" / "meta.json").read_text())
+    json_meta["stamps"]["images.npy"]["mtime_ns"] = path.stat().st_mtime_ns
+    (root / "train" / "meta.json").write_text(json.dumps(json_meta))
+    open_split(root, "train", verify=True)
+    flip(offsets[10] + 5, keep_time=True)   # inside a sampled block, time kept: the sample finds it
+    with pytest.raises(DataError, match=r"train/images\.npy: checksum does not match meta\.json"):
+        open_split(root, "train", verify=True)
+    with open(path, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(DataError, match=rf"train/images\.npy: {size + 1} bytes, meta\.json recorded {size}"):
+        open_split(root, "train", verify=True)

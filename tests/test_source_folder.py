@@ -49,6 +49,8 @@ def test_folder_happy_path_with_stratified_split(tmp_path):
             expected = np.array(RED if label == 0 else BLUE)
             assert np.abs(image.astype(int) - expected).max() <= 3  # JPEG is close, PNG exact
     assert data.source == str(root.resolve())
+    files = data.request.pop("files")             # every visible image's name, size, mtime: 5 cats, 3 dogs
+    assert files["files"] == 8 and len(files["sha256"]) == 64
     assert data.request == {"dataset": "folder", "source": str(root.resolve()), "size": 8,
                             "grayscale": False, "test_fraction": 0.2, "seed": 0}
 
@@ -122,6 +124,7 @@ def test_test_source_folder(tmp_path):
     data = load_source("folder", root, size=8, test_source=tmp_path / "test")
     assert data.splits["train"].images.shape == (8, 8, 8, 3)
     assert data.splits["test"].labels.tolist() == [0, 1, 1]
+    assert data.request.pop("files")["files"] == 8 and data.request.pop("test_files")["files"] == 3
     assert data.request == {"dataset": "folder", "source": str(root.resolve()), "size": 8,
                             "grayscale": False, "test_source": str((tmp_path / "test").resolve())}
 
@@ -222,3 +225,60 @@ def test_exif_orientation_is_applied(tmp_path):
     data = load_source("folder", tmp_path / "src", size=10, test_fraction=0.5)
     upright = np.rot90(raw, k=-1)  # 20 tall x 10 wide
     np.testing.assert_array_equal(data.splits["train"].images[0], upright[5:15])
+
+
+def _prepare(capsys, *argv) -> tuple[int, str, str]:
+    from onepoch.cli import main
+
+    code = main(["prepare", "folder", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("change", ["added", "rewritten"])
+def test_prepare_raw_folder_again_notices_a_changed_source(tmp_path, capsys, change):
+    """Issue 29: a raw-layout folder prepared again after an image was added (or rewritten with
+    another size) is not 'nothing to do': the old dataset is kept and --force is asked for."""
+    root, out = make_folder(tmp_path / "pets"), tmp_path / "prepared"
+    args = ("--source", root, "--size", "8", "--out", out)
+    assert _prepare(capsys, *args)[0] == 0
+    code, stdout, _ = _prepare(capsys, *args)
+    assert code == 0 and "nothing to do" in stdout                  # unchanged: nothing to do
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    if change == "added":
+        solid(root / "dog" / "d9.png", (20, 20), BLUE)
+    else:
+        solid(root / "cat" / "c0.png", (41, 30), RED, "PNG")
+    code, stdout, err = _prepare(capsys, *args)
+    assert code == 2 and "nothing to do" not in stdout, stdout
+    assert err.startswith("onepoch: error: ") and len(err.strip().splitlines()) == 1, err
+    assert f"--out {out} already holds another prepared dataset" in err and "--force" in err
+    assert "the source files changed" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert _prepare(capsys, *args, "--force")[0] == 0
+    from onepoch.data import open_split
+
+    counts = {"added": 9, "rewritten": 8}[change]
+    assert open_split(out, "train").num_images + open_split(out, "test").num_images == counts
+
+
+@pytest.mark.parametrize("layout", ["raw", "jpeg"])
+def test_class_folder_names_that_are_not_utf8_are_kept_readable(tmp_path, capsys, layout):
+    """Issue 29: a class folder named with Latin-1 bytes (b'caf\\xe9') prepares in both layouts; its
+    class name is written with the byte escaped ('caf\\\\xe9'), so JSON, report and plots can show it."""
+    import os
+
+    root = make_folder(tmp_path / "pets")
+    os.rename(root / "dog", os.path.join(os.fsencode(root), b"caf\xe9"))
+    out = tmp_path / "prepared"
+    code, _, err = _prepare(capsys, "--source", root, "--out", out, "--layout", layout,
+                            *(["--size", "8"] if layout == "raw" else []))
+    assert code == 0, err
+    from onepoch.data import open_split
+
+    names = open_split(out, "train").class_names
+    assert names == ["caf\\xe9", "cat"]
+    assert (out / "dataset.json").read_bytes().decode("utf-8")        # valid UTF-8, no lone surrogate
+    code, stdout, _ = _prepare(capsys, "--source", root, "--out", out, "--layout", layout,
+                               *(["--size", "8"] if layout == "raw" else []))
+    assert code == 0 and "nothing to do" in stdout

@@ -216,7 +216,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from onepoch.export import export_backbone
 
-    info = export_backbone(args.run, args.format, args.out)
+    info = export_backbone(args.run, args.format, args.out, force=args.force)
     print(f"wrote {info['path']}: {info['arch']} backbone ({info['tensors']} tensors, {info['stem']} stem) "
           f"from {info['source']}")
     print(info["how_to_load"])
@@ -367,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="a run directory or a checkpoint file")
     p.add_argument("--format", required=True, choices=("torchvision", "timm", "safetensors"))
     p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("recipes", help="list the shipped recipes, one line each",

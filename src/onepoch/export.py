@@ -128,13 +128,18 @@ def safetensors_metadata(info: dict[str, Any]) -> dict[str, str]:
     return meta
 
 
-def export_backbone(run: str | os.PathLike, fmt: str, out: str | os.PathLike) -> dict[str, Any]:
+def export_backbone(run: str | os.PathLike, fmt: str, out: str | os.PathLike, *, force: bool = False) -> dict[str, Any]:
     """Write the backbone of ``run`` (a run directory or a checkpoint) to ``out`` in format ``fmt``
-    (one of :data:`FORMATS`); return its description with ``path``, ``tensors`` and ``how_to_load``."""
+    (one of :data:`FORMATS`); return its description with ``path``, ``tensors`` and ``how_to_load``.
+    An existing ``out`` is replaced only with ``force`` (and never when it is a directory)."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    weights, info = run_backbone(run)
     out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give the file to write")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise ConfigError(f"--out {out} already exists; pass --force to replace it")
+    weights, info = run_backbone(run)
     if fmt == "safetensors":
         try:
             from safetensors.torch import save

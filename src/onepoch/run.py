@@ -83,9 +83,12 @@ def view_spec_for(config: RunConfig, mean: list[float], std: list[float], count:
 
 def open_eval_splits(config: RunConfig) -> tuple[PreparedSplit, PreparedSplit]:
     """The (train, test) splits the run's representation is evaluated on: ``data.train_split`` and
-    ``data.test_split``, each cut to ``data.limit`` / ``data.test_limit``; both must be labelled."""
-    train_split = open_split(Path(config.data.root), config.data.train_split, image_size=config.data.image_size)
-    test_split = open_split(Path(config.data.root), config.data.test_split, image_size=config.data.image_size)
+    ``data.test_split``, each cut to ``data.limit`` / ``data.test_limit``; both must be labelled. Both are
+    verified against their meta.json first (bounded: see onepoch.data.checksum.check_stamp)."""
+    train_split = open_split(Path(config.data.root), config.data.train_split, image_size=config.data.image_size,
+                             verify=True)
+    test_split = open_split(Path(config.data.root), config.data.test_split, image_size=config.data.image_size,
+                            verify=True)
     for split in (train_split, test_split):
         if split.meta.get("labelled") is False:
             raise ConfigError(f"split {split.split!r} of {config.data.root} has no real labels, so probes cannot be "

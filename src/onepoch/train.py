@@ -31,7 +31,7 @@ from onepoch import distributed as dist_
 from onepoch.atomic import atomic_write_text
 from onepoch.checkpoints import CHECKPOINT_FORMAT, latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
 from onepoch.data.loader import BatchLoader
-from onepoch.data.prepared import open_split
+from onepoch.data.prepared import open_split, read_dataset_info
 from onepoch.errors import ConfigError, DataError, OnepochError
 from onepoch.optim import build_optimizer, set_learning_rate, warmup_cosine
 from onepoch.progress import progress
@@ -373,9 +373,12 @@ def _build(config: RunConfig, world) -> _Run:
         torch.set_num_threads(tc.threads)
     dist_.start(world, tc.backend, device.type)
     _check_same_config(config)
-    # verify: re-hash the arrays against meta.json (a damaged dataset stops here, not mid-run)
+    # verify: re-hash the arrays against meta.json (a damaged dataset stops here, not mid-run); the test
+    # split too when the online probe will be tested on it (bounded: see onepoch.data.checksum.check_stamp)
     split = open_split(Path(config.data.root), config.data.train_split, verify=True,
                        image_size=config.data.image_size)
+    if tc.online_probe and config.data.test_split in read_dataset_info(config.data.root).get("splits", []):
+        open_split(Path(config.data.root), config.data.test_split, verify=True, image_size=config.data.image_size)
     if tc.online_probe and split.meta.get("labelled", True) is False:
         raise ConfigError(f"the {config.data.train_split} split of {config.data.root} has no labels (its meta.json "
                           "says \"labelled\": false), so the online probe cannot learn: set train.online_probe=false")

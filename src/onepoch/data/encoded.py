@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
-from onepoch.data.checksum import array_sha256, sha256_file
+from onepoch.data.checksum import array_sha256, check_stamp, file_stamp, sha256_file
 from onepoch.errors import ConfigError, DataError, one_line
 from onepoch.progress import progress
 
@@ -390,6 +390,7 @@ def write_encoded_split(directory: Path, source: EncodedSource, num_classes: int
                    "offsets": array_sha256(np.asarray(offsets, np.int64)),
                    "sizes": array_sha256(np.asarray(sizes, np.int32).reshape(-1, 2)),
                    "labels": array_sha256(labels_array)},
+        "stamps": {"encoded.bin": file_stamp(directory / "encoded.bin")},
     }
 
 
@@ -397,7 +398,8 @@ def verify_encoded_split(directory: Path, meta: dict[str, Any]) -> None:
     """Re-hash an encoded split's files against ``meta`` (DataError naming the file that changed)."""
 
     expected = meta["sha256"]
-    if sha256_file(directory / "encoded.bin") != expected["encoded"]:
+    full = check_stamp(directory / "encoded.bin", meta.get("stamps", {}).get("encoded.bin"))
+    if full and sha256_file(directory / "encoded.bin") != expected["encoded"]:
         raise DataError(f"{directory / 'encoded.bin'}: checksum does not match meta.json "
                         "(the file changed after it was prepared; prepare it again)")
     for key, dtype in (("offsets", np.int64), ("sizes", np.int32), ("labels", np.int64)):

@@ -56,6 +56,13 @@ def _visible_entries(directory: Path) -> list[os.DirEntry]:
         raise DataError(f"{directory}: cannot list directory ({e.strerror or e})") from None
 
 
+def readable_name(name: str) -> str:
+    """A file name as valid UTF-8 text: a name the file system holds as bytes that are not UTF-8 (Python
+    decodes them to lone surrogates, which JSON, plots and terminals refuse) has each such byte written
+    as ``\\xNN`` (``b'caf\\xe9'`` -> ``'caf\\\\xe9'``). Valid names are returned unchanged."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def list_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -> FolderListing:
     """List the class directories and image files of ``root`` (see the module docstring).
 
@@ -79,12 +86,17 @@ def list_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = N
         )
     if classes is not None:
         wanted = set(classes)
-        missing = sorted(wanted - {e.name for e in entries})
+        missing = sorted(wanted - {readable_name(e.name) for e in entries})
         if missing:
             raise DataError(f"{root}: no class folder for {len(missing)} of the {len(wanted)} requested "
                             f"class(es): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        entries = [e for e in entries if e.name in wanted]
+        entries = [e for e in entries if readable_name(e.name) in wanted]
     class_names, paths, labels = [], [], []
+    readable = [readable_name(e.name) for e in entries]
+    if len(set(readable)) < len(readable):
+        clash = next(n for n in readable if readable.count(n) > 1)
+        raise DataError(f"{root}: two class folders are both named {clash!r} once their bytes that are not "
+                        "UTF-8 are written as \\xNN; rename one of them")
     for label, class_dir in enumerate(entries):
         class_path = root / class_dir.name
         images = []
@@ -98,7 +110,7 @@ def list_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = N
             images.append(class_path / e.name)
         if not images:
             raise DataError(f"{class_path}: class folder contains no images")
-        class_names.append(class_dir.name)
+        class_names.append(readable[label])
         paths.extend(images)
         labels.extend([label] * len(images))
     if len(class_names) < 2:
@@ -274,6 +286,24 @@ def tree_stamp(base: Path, roots: Sequence[Path]) -> dict[str, object]:
     dirs = 0
     for root in roots:
         for d in [root, *(root / e.name for e in _visible_entries(root) if e.is_dir())]:
-            digest.update(f"{d.relative_to(base).as_posix()}\t{d.stat().st_mtime_ns}\n".encode())
+            digest.update(os.fsencode(f"{d.relative_to(base).as_posix()}\t{d.stat().st_mtime_ns}\n"))
             dirs += 1
     return {"dirs": dirs, "sha256": digest.hexdigest()}
+
+
+def files_stamp(roots: Sequence[Path]) -> dict[str, object]:
+    """A fingerprint of image folders that notices any image added, removed, renamed or rewritten: the
+    name, size and modification time of every visible file one level below each of ``roots`` (the class
+    folders), hashed. One ``stat`` per file and nothing read: for the raw layout, whose images are all
+    decoded anyway, this is a small fraction of a prepare."""
+    digest = hashlib.sha256()
+    files = 0
+    for root in roots:
+        for class_dir in _visible_entries(root):
+            if not class_dir.is_dir():
+                continue
+            for e in _visible_entries(root / class_dir.name):
+                st = e.stat()
+                digest.update(os.fsencode(f"{class_dir.name}/{e.name}\t{st.st_size}\t{st.st_mtime_ns}\n"))
+                files += 1
+    return {"files": files, "sha256": digest.hexdigest()}

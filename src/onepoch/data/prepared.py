@@ -28,7 +28,7 @@ import numpy as np
 
 from onepoch import __version__
 from onepoch.atomic import publish_dir, staging_dir
-from onepoch.data.checksum import array_sha256
+from onepoch.data.checksum import array_sha256, check_stamp, file_stamp
 from onepoch.data.encoded import (
     EncodedImages,
     EncodedSource,
@@ -143,6 +143,13 @@ def read_dataset_info(path: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
+STAMP_KEYS = ("files", "tree", "test_files", "test_tree")  # what a request records of the source files
+
+
+def _without_stamps(request: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in request.items() if k not in STAMP_KEYS}
+
+
 def check_out_dir(out: str | os.PathLike, name: str, request: dict[str, Any], force: bool) -> bool:
     """Decide what to do with an existing ``--out``. Returns True when it already holds exactly this
     dataset (nothing to do); raises :class:`DataError` when it must not be touched."""
@@ -157,9 +164,13 @@ def check_out_dir(out: str | os.PathLike, name: str, request: dict[str, Any], fo
             return False
         if info.get("name") == name and info.get("request") == request:
             return True
+        old_request = info.get("request") if isinstance(info.get("request"), dict) else {}
+        if info.get("name") == name and _without_stamps(old_request) == _without_stamps(request):
+            raise DataError(f"--out {out} already holds another prepared dataset: the source files changed since it "
+                            f"was prepared ({name}, {request.get('source')}); pass --force to replace it")
         raise DataError(
             f"--out {out} already holds another prepared dataset ({info.get('name')}, "
-            f"{info.get('request')}); pass --force to replace it"
+            f"{_without_stamps(old_request)}); pass --force to replace it"
         )
     if any(out.iterdir()):
         raise DataError(
@@ -205,6 +216,7 @@ def write_prepared(data: SourceData, out: str | os.PathLike, *, force: bool = Fa
                 **_common_meta(data, split, created), "num_images": int(arrays.images.shape[0]),
                 "shape": list(arrays.images.shape[1:]), "mean": mean, "std": std,
                 "sha256": {"images": array_sha256(arrays.images), "labels": array_sha256(arrays.labels)},
+                "stamps": {"images.npy": file_stamp(d / "images.npy")},
             })
         _write_dataset_json(tmp, data, list(splits), list(next(iter(shapes))), created)
         publish_dir(tmp, out)
@@ -328,8 +340,10 @@ def open_split(
     if labels.dtype != np.int64 or labels.shape != (expected[0],):
         raise DataError(f"{d / 'labels.npy'}: expected int64 ({expected[0]},), found {labels.dtype} {labels.shape}")
     if verify:
+        stamps = meta.get("stamps", {})
         for key, arr in (("images", images), ("labels", labels)):
-            if array_sha256(arr) != meta["sha256"][key]:
+            full = check_stamp(d / f"{key}.npy", stamps.get(f"{key}.npy"))
+            if full and array_sha256(arr) != meta["sha256"][key]:
                 raise DataError(
                     f"{d / (key + '.npy')}: checksum does not match meta.json "
                     "(the file changed after it was prepared; prepare it again)"

@@ -342,10 +342,17 @@ def locate_source(name: str, source: str | os.PathLike | None = None, *, size: i
         else:
             fraction = folder.DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
             request.update(test_fraction=float(fraction), seed=int(seed))
-        if chosen == "jpeg":  # raw folders are recorded by path only (as before)
+        if chosen == "jpeg":  # the folders' modification times: cheap at ImageNet scale
             request["tree"] = _stamp_tree(root, [root])
             if test_root is not None:
                 request["test_tree"] = _stamp_tree(test_root, [test_root])
+        else:  # every image's name, size and modification time: raw folders are small, all decoded anyway
+            for r in [root] if test_root is None else [root, test_root]:
+                if not r.is_dir():
+                    raise DataError(f"image folder {r} does not exist or is not a directory")
+            request["files"] = folder.files_stamp([root])
+            if test_root is not None:
+                request["test_files"] = folder.files_stamp([test_root])
 
         def read_folder() -> SourceData:
             if chosen == "jpeg":
