@@ -335,6 +335,41 @@ def _checkpoint_kept_at_step_3(run: Path) -> None:
     assert [p.name for p in checkpoint_paths(run)] == ["step_0000003.pt"]
     state = load_checkpoint(checkpoint_paths(run)[0])
     assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    # the failing step is the 5th (the 5th call of the loss): metrics.jsonl holds steps 1..4, as the message says
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+SMALL_SIMCLR = ["model.arch=resnet10", "model.width=0.0625", "data.batch_size=8", "views.size=8", "train.threads=1",
+                "method.projector=32-16"]
+
+
+@pytest.mark.parametrize("recipe, extra", [
+    (RECIPE, [*TINY, "optim.name=sgd"]),                               # a Cholesky of blown-up (finite) numbers
+    (RECIPE, [*TINY, "optim.name=adamw"]),
+    ("simclr/fashion_mnist_1epoch", [*SMALL_SIMCLR, "optim.name=sgd"]),   # BatchNorm's running_var overflows
+], ids=["emp_ssl sgd", "emp_ssl adamw", "simclr sgd"])
+def test_a_blown_up_run_is_stopped_by_the_guard_and_keeps_only_finite_checkpoints(tmp_path, base, capsys, recipe,
+                                                                                  extra):
+    """Issue 29: optim.lr=1e9. EMP-SSL ended in a LinAlgError traceback from TCR's Cholesky; SimCLR was
+    stopped one step late, naming step 3 where metrics.jsonl said 4, and its checkpoints held inf in
+    BatchNorm's running_var. Now: one line naming the first bad step as metrics.jsonl numbers it, and
+    every checkpoint kept (one per step here) holds only finite tensors, buffers and probe included."""
+    blobs, _ = base
+    code, _, err = cli(capsys, "train", recipe, *extra, f"data.root={blobs}", f"train.out={tmp_path}", "name=t",
+                       "optim.lr=1e9", "train.epochs=3", "train.checkpoint_every=1", "train.keep_checkpoints=10")
+    assert_one_line_error(code, err, r"(non-finite \(or overflowing\) weights or buffers after|linear algebra failed at|loss is (nan|inf) "
+                          r"at|non-finite gradient at) step \d+ .*lower optim\.lr.*the last good checkpoint is kept|"
+                          r"loss is (nan|inf) at step \d+")
+    named = int(re.search(r"step (\d+)", err).group(1))
+    logged = [json.loads(line)["step"] for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, named)), (named, logged)          # the named step is the one after the last line
+    kept = checkpoint_paths(tmp_path / "t")
+    assert kept and [load_checkpoint(p)["step"] for p in kept] == list(range(1, named))
+    for path in kept:
+        state = load_checkpoint(path)
+        for part in ("model", "probe"):
+            for key, tensor in state[part].items():
+                assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), f"{path.name} {part}.{key}"
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
@@ -351,7 +386,7 @@ def test_non_finite_loss_stops_naming_the_step_and_the_part(tmp_path, base, caps
 
     monkeypatch.setattr(emp, "emp_ssl_loss", flaky)
     code, _, err = cli(capsys, *run_args(blobs, tmp_path, "t"))
-    assert_one_line_error(code, err, rf"loss is {value} at step 4 \(invariance=.*tcr={value}\); the last good checkpoint")
+    assert_one_line_error(code, err, rf"loss is {value} at step 5 \(invariance=.*tcr={value}\); the last good checkpoint")
     _checkpoint_kept_at_step_3(tmp_path / "t")
 
 
@@ -375,7 +410,7 @@ def test_non_finite_gradient_stops_naming_the_step_and_the_parameter(tmp_path, b
 
     monkeypatch.setattr(onepoch.train, "build_model", build)
     code, _, err = cli(capsys, *run_args(blobs, tmp_path, "t"))
-    assert_one_line_error(code, err, r"non-finite gradient at step 4 \(the loss is finite: invariance=.*tcr=.*\) in "
+    assert_one_line_error(code, err, r"non-finite gradient at step 5 \(the loss is finite: invariance=.*tcr=.*\) in "
                           rf"1 parameter\(s\): {re.escape(poisoned['name'])}; the last good checkpoint")
     _checkpoint_kept_at_step_3(tmp_path / "t")
 
@@ -397,7 +432,7 @@ def test_out_of_memory_gives_advice_and_keeps_the_checkpoint(tmp_path, base, cap
 
     monkeypatch.setattr(emp, "emp_ssl_loss", runs_out)
     code, _, err = cli(capsys, *run_args(blobs, tmp_path, "t"))
-    assert_one_line_error(code, err, r"out of memory at step 4 on cpu \(8 images x 4 views per step\): lower "
+    assert_one_line_error(code, err, r"out of memory at step 5 on cpu \(8 images x 4 views per step\): lower "
                           r"data.batch_size or views.count; the last good checkpoint")
     _checkpoint_kept_at_step_3(tmp_path / "t")
 

@@ -50,13 +50,13 @@ def test_nan_loss_between_syncs_is_named_at_its_step(tmp_path, blobs, monkeypatc
     def flaky(z, **kw):
         loss, parts = real(z, **kw)
         calls["n"] += 1
-        if calls["n"] == 7:  # step 6 (0-based), in the middle of the window 5..9
+        if calls["n"] == 7:  # step 7 (as metrics.jsonl numbers it), in the middle of the window 6..10
             return loss * float("nan"), {**parts, "tcr": parts["tcr"] * float("nan")}
         return loss, parts
 
     monkeypatch.setattr(emp, "emp_ssl_loss", flaky)
     config = tiny_config(tmp_path, blobs, "train.epochs=2", "train.log_every=5", "train.checkpoint_every=5")
-    with pytest.raises(TrainingError, match=r"loss is nan at step 6 \(invariance=.*tcr=nan\)"):
+    with pytest.raises(TrainingError, match=r"loss is nan at step 7 \(invariance=.*tcr=nan\)"):
         train(config, progress_bar=False)
     assert [p.name for p in checkpoint_paths(config.run_dir)] == ["step_0000005.pt"]
     state = load_checkpoint(checkpoint_paths(config.run_dir)[0])

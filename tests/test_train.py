@@ -160,7 +160,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, blobs, 
 
     monkeypatch.setattr(emp, "emp_ssl_loss", flaky)
     config = tiny_config(tmp_path, blobs)
-    with pytest.raises(TrainingError, match=r"loss is nan at step 4 \(invariance=.*tcr=nan\)"):
+    with pytest.raises(TrainingError, match=r"loss is nan at step 5 \(invariance=.*tcr=nan\)"):
         train(config, progress_bar=False)
     assert [p.name for p in checkpoint_paths(config.run_dir)] == ["step_0000003.pt"]
     assert load_checkpoint(checkpoint_paths(config.run_dir)[0])["step"] == 3

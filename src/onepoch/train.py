@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from onepoch.atomic import atomic_write_text
 from onepoch.checkpoints import CHECKPOINT_FORMAT, latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
 from onepoch.data.loader import BatchLoader
 from onepoch.data.prepared import open_split, read_dataset_info
-from onepoch.errors import ConfigError, DataError, OnepochError
+from onepoch.errors import ConfigError, DataError, OnepochError, one_line
 from onepoch.optim import build_optimizer, set_learning_rate, warmup_cosine
 from onepoch.progress import progress
 from onepoch.run import (
@@ -196,17 +197,48 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(f"{json.dumps(row)}\n" for row in kept))
 
 
-def _gradient_finiteness(model: nn.Module) -> tuple[list[str], torch.Tensor]:
-    """(names of the parameters that have a gradient, a device bool per name: its gradient is finite).
+def _finiteness(named: list[tuple[str, torch.Tensor]]) -> tuple[list[str], torch.Tensor]:
+    """(the names, a device bool per name: that tensor's 2-norm is finite).
 
-    One fused norm per parameter (``torch._foreach_norm``) and no host sync: a NaN or inf anywhere
-    makes the norm non-finite, and so does a gradient so large that its norm overflows float32.
+    One fused norm per tensor (``torch._foreach_norm``) and no host sync. A NaN or inf anywhere makes
+    the norm non-finite, and so do values so large (about 1e19 and up) that the norm overflows float32:
+    numbers that have blown up as surely. (The max-abs norm, exact, costs 13x as much on the CPU.)
     """
-    named = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
     if not named:
         return [], torch.ones(0, dtype=torch.bool)
-    norms = torch._foreach_norm([g for _, g in named])
+    norms = torch._foreach_norm([t for _, t in named])
     return [name for name, _ in named], torch.isfinite(torch.stack([n.float() for n in norms]))
+
+
+def _gradient_finiteness(model: nn.Module) -> tuple[list[str], torch.Tensor]:
+    """(names of the parameters that have a gradient, a device bool per name: its gradient is finite)."""
+    return _finiteness([(name, p.grad) for name, p in model.named_parameters() if p.grad is not None])
+
+
+def _state_finiteness(run: "_Run") -> tuple[list[str], torch.Tensor]:
+    """(names of every floating-point tensor a checkpoint saves of the model and the online probe, the
+    parameters and the buffers (BatchNorm's running statistics, EMA targets, queues), a device bool per
+    name: it is finite). Checked after every step, so that no checkpoint keeps a non-finite tensor and
+    the step that made it so is named."""
+    modules = [("", run.model)] + ([("probe.", run.probe)] if run.probe is not None else [])
+    named = [(prefix + name, t.detach()) for prefix, module in modules
+             for name, t in [*module.named_parameters(), *module.named_buffers()]
+             if t.is_floating_point() and t.numel()]
+    return _finiteness(named)
+
+
+def _linalg_text(e: BaseException) -> str:
+    """``linalg.cholesky: (Batch element 0): The factorization could not be completed because ... .``
+    -> ``linalg.cholesky: the factorization could not be completed because ...`` (first sentence)."""
+    text = re.sub(r"\(Batch element \d+\): ", "", one_line(e)).split(". ")[0].rstrip(".")
+    return text[:160]
+
+
+def _is_linear_algebra_failure(e: BaseException) -> bool:
+    """A factorisation that failed on its numbers (a Cholesky of a matrix that is not positive-definite:
+    what TCR's log-determinant meets once the embeddings blow up)."""
+    return isinstance(e, getattr(torch.linalg, "LinAlgError", ())) or (
+        isinstance(e, RuntimeError) and str(e).startswith("linalg."))
 
 
 @dataclass
@@ -221,14 +253,16 @@ class _StepRecord:
     values: torch.Tensor       # [loss, *parts, (probe loss, probe acc)], float32
     grad_names: list[str]
     grad_finite: torch.Tensor  # bool per entry of grad_names
+    state_names: list[str]
+    state_finite: torch.Tensor  # bool per entry of state_names: after the step
 
 
 class _StepLog:
     """The steps since the last sync, written out together.
 
     ``flush()`` fetches every pending value with one :func:`fetch_to_host`, stops the run at the
-    first step whose loss or gradient is not finite (naming the step, the loss parts and the
-    parameters), then writes one ``metrics.jsonl`` line per step (``patches_per_s`` is the mean over
+    first step whose loss, gradient or resulting weights and buffers are not finite (naming the step as
+    ``metrics.jsonl`` numbers it, the loss parts and the tensors), then writes one ``metrics.jsonl`` line per step (``patches_per_s`` is the mean over
     the flushed steps) and updates the progress bar."""
 
     def __init__(self, file, bar, tracker, *, patches_per_step: int, checkpoints: Path):
@@ -244,34 +278,49 @@ class _StepLog:
         self.pending.append(record)
         self.bar.update(1)
 
+    def _problem(self, record: _StepRecord, row: list[float], loss: float, parts: dict[str, float]) -> str | None:
+        """Why this step's numbers stop the run (None: they are all finite), naming the step as
+        ``metrics.jsonl`` numbers it."""
+        n = len(record.keys)
+        loss_parts = {k: v for k, v in parts.items() if not k.startswith("online_probe")}
+        number = record.step + 1
+        kept = f"the last good checkpoint is kept in {self.checkpoints}"
+        if not math.isfinite(loss):
+            return f"loss is {loss} at step {number} ({_parts_text(loss_parts)}); {kept}"
+        grads = row[n + 1:n + 1 + len(record.grad_names)]
+        bad = [name for name, ok in zip(record.grad_names, grads) if ok < 1]  # < 1: not finite on some rank
+        if bad:
+            return (f"non-finite gradient at step {number} (the loss is finite: {_parts_text(loss_parts)}) in "
+                    f"{len(bad)} parameter(s): {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}; {kept}")
+        states = row[n + 1 + len(record.grad_names):]
+        bad = [name for name, ok in zip(record.state_names, states) if ok < 1]
+        if bad:
+            return (f"non-finite (or overflowing) weights or buffers after step {number} (its loss and gradients are finite: "
+                    f"{_parts_text(loss_parts)}; the numbers overflowed, lower optim.lr) in {len(bad)} tensor(s): "
+                    f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}; {kept}")
+        return None
+
     def flush(self) -> None:
         if not self.pending:
             return
         # one flat tensor: the records may differ in length (a frozen parameter has no gradient); the
         # mean over ranks: the loss and gradients are the same on every rank, the probe's numbers are not
-        flat = torch.cat([t for r in self.pending for t in (r.values, r.grad_finite.float())])
+        flat = torch.cat([t for r in self.pending for t in (r.values, r.grad_finite.float(), r.state_finite.float())])
         flat = fetch_to_host(dist_.mean_over_ranks(flat))
         rows, at = [], 0
         for r in self.pending:
-            n = r.values.numel() + r.grad_finite.numel()
+            n = r.values.numel() + r.grad_finite.numel() + r.state_finite.numel()
             rows.append(flat[at:at + n])
             at += n
         now = time.perf_counter()
         rate = len(self.pending) * self.patches_per_step / max(now - self.last_flush, 1e-9)
-        lines = []
+        lines, problem = [], None
         for record, row in zip(self.pending, rows):
             n = len(record.keys)
             loss, parts = row[0], dict(zip(record.keys, row[1:n + 1]))
-            loss_parts = {k: v for k, v in parts.items() if not k.startswith("online_probe")}
-            if not math.isfinite(loss):
-                raise TrainingError(f"loss is {loss} at step {record.step} ({_parts_text(loss_parts)}); the last "
-                                    f"good checkpoint is kept in {self.checkpoints}")
-            bad = [name for name, ok in zip(record.grad_names, row[n + 1:]) if not ok]
-            if bad:
-                raise TrainingError(
-                    f"non-finite gradient at step {record.step} (the loss is finite: {_parts_text(loss_parts)}) in "
-                    f"{len(bad)} parameter(s): {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}; "
-                    f"the last good checkpoint is kept in {self.checkpoints}")
+            problem = self._problem(record, row, loss, parts)
+            if problem:
+                break  # the good steps before it are still written: metrics.jsonl ends just before the step named
             entry = {"step": record.step + 1, "epoch": record.epoch, "loss": loss, **parts, "lr": record.lr,
                      "patches_per_s": rate, "time": record.time}
             lines.append(json.dumps(entry) + "\n")
@@ -280,6 +329,8 @@ class _StepLog:
         if self.file is not None:
             self.file.write("".join(lines))
             self.file.flush()
+        if problem:
+            raise TrainingError(problem)
         postfix = {"loss": f"{self.last_loss:.3f}", "patches_s": f"{rate:,.0f}"}
         if "online_probe_acc" in parts:
             postfix["probe_acc"] = f"{parts['online_probe_acc']:.2f}"
@@ -468,8 +519,10 @@ def _train_step(run: _Run, step: int, views: list[torch.Tensor], labels: torch.T
     if run.probe is not None:
         keys += ["online_probe_loss", "online_probe_acc"]
         values.append(_probe_step(run.probe_net, run.probe_opt, feats, labels))
+    state_names, state_finite = _state_finiteness(run)
     return _StepRecord(step=step, epoch=step // len(run.loader), lr=lr, time=time.time(), keys=keys,
-                       values=torch.cat(values), grad_names=grad_names, grad_finite=grad_finite)
+                       values=torch.cat(values), grad_names=grad_names, grad_finite=grad_finite,
+                       state_names=state_names, state_finite=state_finite)
 
 
 def train(config: RunConfig, *, resume: bool | str | None = None, progress_bar: bool = True) -> TrainResult:
@@ -518,10 +571,15 @@ def train(config: RunConfig, *, resume: bool | str | None = None, progress_bar: 
                 log.flush()
                 if _is_out_of_memory(e):
                     raise TrainingError(
-                        f"out of memory at step {step} on {run.device} ({config.data.batch_size} images x "
+                        f"out of memory at step {step + 1} on {run.device} ({config.data.batch_size} images x "
                         f"{run.patches_per_step // config.data.batch_size} views per step): lower data.batch_size "
                         f"or views.count; the last good checkpoint is kept in {run_dir / 'checkpoints'}"
                     ) from None
+                if _is_linear_algebra_failure(e):  # finite but blown-up numbers
+                    raise TrainingError(
+                        f"linear algebra failed at step {step + 1} ({_linalg_text(e)}): the numbers blew up "
+                        f"although the weights are finite; lower optim.lr; the last good checkpoint is kept in "
+                        f"{run_dir / 'checkpoints'}") from None
                 raise
             log.add(record)
             step += 1
