@@ -250,6 +250,21 @@ def test_markdown_table_from_summaries(tmp_path):
     md = format_markdown(config, [cell("a", 1.0, 0, 0.80), cell("a", 1.0, 1, 0.90), cell("b", 1.0, 0, 0.70)])
     assert "| a | 1.000 ± 0.000 | 10 ± 0 | 50.00 ± 0.00 | 85.00 ± 7.07 |" in md
     assert "| b | 1.000 | 10 | 50.00 | 70.00 |" in md
+    assert "Evaluation protocol `onepoch`: onepoch's probes, every hyper-parameter chosen on a validation" in md
+
+
+def test_markdown_names_the_protocol_and_the_paper_protocols_columns(tmp_path):
+    cell = {"label": "a", "method": "a", "budget": 1.0, "seed": 0, "epochs": 1.0, "train_seconds": 10.0,
+            "online_probe_test_acc": 0.5, "patch_passes": 2.0,
+            "results": {"bag": {"linear": {"test_acc": 0.6, "protocol": "onepoch"},
+                                "paper_linear": {"test_acc": 0.7, "best_test_acc": 0.75, "protocol": "paper"},
+                                "paper_knn": {"test_acc": 0.65, "protocol": "paper"}}}}
+    config = load_compare_config(write_recipe(tmp_path, tmp_path, budgets=[1]), ["eval.protocol=both"])
+    md = format_markdown(config, [cell])
+    assert "Evaluation protocol `both`: onepoch's probes" in md and "EMP-SSL's official probes on the bag" in md
+    head = next(line for line in md.splitlines() if line.startswith("| method | epochs | train time"))
+    assert head.endswith("| linear (bag) | paper protocol linear, last epoch (bag) | paper protocol k-NN (bag) |")
+    assert "| a | 1.000 | 10 | 50.00 | 60.00 | 70.00 | 65.00 |" in md
 
 
 def test_summary_table_lists_every_budget_with_its_seeds_and_the_papers_number(tmp_path):
@@ -333,5 +348,5 @@ def test_a_changed_eval_protocol_reevaluates_without_retraining(tmp_path, monkey
     assert main(["compare", str(path), "eval.probes=[knn]", "eval.knn_k=[3]"]) == 0
     assert calls == [True]                                               # resumed (nothing to train), evaluated again
     again = json.loads(cell.read_text())
-    assert again["eval"]["knn_k"] == [3] and set(again["results"]["full"]) == {"knn", "embed_seconds", "dim"}
+    assert again["eval"]["knn_k"] == [3] and set(again["results"]["full"]) == {"knn", "embed_seconds", "dim", "test_images"}
     assert again["results"]["full"]["knn"]["chosen"]["k"] == 3 and again["steps"] == first["steps"]

@@ -82,3 +82,19 @@ def test_onepoch_report_writes_markdown_and_figures(tmp_path, blobs, capsys):  #
 def test_report_of_an_untrained_directory_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) != 0
     assert "is not a run directory (no config.yaml)" in capsys.readouterr().err
+
+
+def test_report_labels_each_protocol():
+    from onepoch.report import _eval_lines
+
+    report = {"results": {
+        "grid": {"linear": {"test_acc": 0.691, "val_acc": 0.70, "protocol": "onepoch"}},
+        "bag": {"paper_linear": {"test_acc": 0.6, "best_test_acc": 0.625, "protocol": "paper"},
+                "paper_knn": {"test_acc": 0.55, "protocol": "paper"}}}}
+    lines = _eval_lines(report)
+    assert lines[0] == ("| features | linear test % (val %) | paper protocol linear: last epoch % (best epoch* %) | "
+                        "paper protocol k-NN % |")
+    assert "| grid | 69.10 (70.00) | - | - |" in lines
+    assert "| bag | - | 60.00 (62.50) | 55.00 |" in lines
+    assert "chosen on the test set" in lines[-1]
+    assert not any("paper" in line for line in _eval_lines({"results": {"grid": report["results"]["grid"]}}))

@@ -75,7 +75,8 @@ def train(recipe: str | Path, *, resume: bool | str | None = None, progress_bar:
 def evaluate(run_dir: str | Path, *, log=print, **eval_keys) -> dict[str, Any]:
     """Evaluate a run's newest checkpoint as ``onepoch eval`` does, with ``eval.*`` keys as keywords
     (``probes=["linear", "knn"]``, ``features=["full"]``, ``knn_k=20``); returns what ``eval.json``
-    holds (``report["results"][feature][probe]["test_acc"]``)."""
+    holds (``report["results"][feature][probe]["test_acc"]``: earlier results of the same checkpoint kept) and
+    ``report["evaluated"]``, this evaluation's results alone."""
     keys = {k if k.startswith("eval.") else f"eval.{k}": v for k, v in eval_keys.items()}
     return evaluate_run(run_dir, overrides=keys, log=log)
 

@@ -272,7 +272,8 @@ def _with_count(spec, count: int):
 def evaluate_run(run_dir: str | os.PathLike, *, overrides: dict[str, Any] | None = None, log=print
                  ) -> dict[str, Any]:
     """Evaluate the newest checkpoint of a run directory (its config with the dotted ``overrides``
-    applied); write ``eval.json`` there and return it."""
+    applied); write ``eval.json`` there (this evaluation's results merged into the earlier ones of the same
+    checkpoint, see :func:`merge_results`) and return it, with ``"evaluated"``: this evaluation's results alone."""
     run = load_trained(run_dir, overrides)
     if run.model is None:
         raise ConfigError(f"{run.run_dir} has no checkpoint to evaluate (train it first)")
@@ -291,7 +292,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, overrides: dict[str, Any] | None
     atomic_write_text(run_dir / "eval.json", json.dumps(report, indent=2) + "\n")
     with tracker:
         tracker.log_hparams(config, results)
-    return report
+    return {**report, "evaluated": results}
 
 
 def _earlier_results(path: Path, checkpoint: str, step: int) -> dict[str, Any]:

@@ -116,7 +116,7 @@ def run_cell(config: CompareConfig, cell: Cell, log=print) -> dict[str, Any]:
         "patch_passes": result.steps / steps_per_epoch * views,
         "train_seconds": train_seconds(cell.run_dir, run_config.data.batch_size * views),
         "eval_seconds": time.perf_counter() - eval_start, "peak_rss_mb": peak_rss_mb(),
-        "online_probe_test_acc": online, "results": report["results"], "eval": protocol,
+        "online_probe_test_acc": online, "results": report["evaluated"], "eval": protocol,
     }
     atomic_write_text(done, json.dumps(summary, indent=2) + "\n")
     return summary

@@ -38,7 +38,7 @@ def metric_pairs(summaries: list[dict[str, Any]]) -> list[tuple[str, str]]:
     pairs: list[tuple[str, str]] = []
     for s in summaries:
         for feature, entry in s["results"].items():
-            for probe in ("linear", "mlp", "knn"):
+            for probe in PROBE_NAMES:
                 if probe in entry and (feature, probe) not in pairs:
                     pairs.append((feature, probe))
     return pairs
@@ -58,7 +58,8 @@ def cost_line(summaries: list[dict[str, Any]]) -> str:
     return text + "."
 
 
-PROBE_NAMES = {"linear": "linear", "mlp": "MLP", "knn": "k-NN"}
+PROBE_NAMES = {"linear": "linear", "mlp": "MLP", "knn": "k-NN",
+               "paper_linear": "paper protocol linear, last epoch", "paper_knn": "paper protocol k-NN"}
 
 BUDGET_HEADERS = {"epochs": "epochs", "patch_passes": "patch passes", "seconds": "seconds of training"}
 
@@ -94,6 +95,15 @@ def summary_table(config: CompareConfig, summaries: list[dict[str, Any]], labels
     return lines
 
 
+def protocol_sentence(protocol: str) -> str:
+    """compare.md's words on which evaluation protocol produced its numbers."""
+    onepoch = "onepoch's probes, every hyper-parameter chosen on a validation split of the training set"
+    paper = ("EMP-SSL's official probes on the bag (`paper_*` columns: reported only, their linear probe's last "
+             "epoch)")
+    text = {"onepoch": onepoch, "paper": paper, "both": f"{onepoch}; and {paper}"}[protocol]
+    return f"Evaluation protocol `{protocol}`: {text}."
+
+
 def format_markdown(config: CompareConfig, summaries: list[dict[str, Any]], *, command: str = "") -> str:
     """compare.md: every method and budget in one table (:func:`summary_table`), then a table per budget,
     then method x budget tables per (feature, probe)."""
@@ -111,8 +121,8 @@ def format_markdown(config: CompareConfig, summaries: list[dict[str, Any]], *, c
         lines += [f"Command: `{command}`", ""]
     lines += [f"Data: `{config.data.get('root', '(from each recipe)')}`; budget: {config.budget} "
               f"{', '.join(f'{b:g}' for b in budgets)}; seeds: {', '.join(str(s) for s in config.seeds)}. "
-              "Test accuracy in %, mean ± std over seeds; every probe's hyper-parameters chosen on a "
-              "validation split of the training set. Train time: seconds in training steps.", ""]
+              f"Test accuracy in %, mean ± std over seeds. {protocol_sentence(config.eval.get('protocol', 'onepoch'))} "
+              "Train time: seconds in training steps.", ""]
     lines += [cost_line(summaries), ""]
     lines += summary_table(config, summaries, labels, pairs, {e.label: e.paper for e in entries})
 
