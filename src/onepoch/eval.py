@@ -328,12 +328,12 @@ def merge_results(earlier: dict[str, Any], new: dict[str, Any]) -> dict[str, Any
 PROBE_COLUMNS = ("linear", "mlp", "knn", "paper_linear", "paper_linear_best", "paper_knn")
 
 
-def _cell(entry: dict[str, Any], column: str) -> str:
+def _cell(entry: dict[str, Any], column: str, width: int) -> str:
     if column == "paper_linear_best":
         value = entry.get("paper_linear", {}).get("best_test_acc")
     else:
         value = entry.get(column, {}).get("test_acc")
-    return f"{100 * value:>10.2f}" if value is not None else f"{'-':>10}"
+    return f"{100 * value:>{width}.2f}" if value is not None else f"{'-':>{width}}"
 
 
 def format_table(rows: list[tuple[str, dict[str, Any]]], probes=None) -> str:
@@ -342,10 +342,11 @@ def format_table(rows: list[tuple[str, dict[str, Any]]], probes=None) -> str:
     if probes is None:
         probes = [p for p in PROBE_COLUMNS if any(p.removesuffix("_best") in entry for _, entry in rows)]
     titles = {"paper_linear": "paper-lin", "paper_linear_best": "best-ep*", "paper_knn": "paper-knn"}
-    head = f"{'':<34}" + "".join(f"{titles.get(p, p) + ' %':>10}" for p in probes)
-    lines = [head]
+    heads = [titles.get(p, p) + " %" for p in probes]
+    widths = [max(10, len(h) + 2) for h in heads]
+    lines = [f"{'':<34}" + "".join(f"{h:>{w}}" for h, w in zip(heads, widths))]
     for label, entry in rows:
-        lines.append(f"{label:<34}" + "".join(_cell(entry, p) for p in probes))
+        lines.append(f"{label:<34}" + "".join(_cell(entry, p, w) for p, w in zip(probes, widths)))
     if "paper_linear_best" in probes:
         lines.append("paper-*: EMP-SSL's official evaluation (last epoch); best-ep*: its best epoch, chosen on "
                      "the test set as the paper reports it")
