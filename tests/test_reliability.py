@@ -693,6 +693,8 @@ CONFIG_CASES = {
     "infinite lr": (["optim.lr=.inf"], r"optim\.lr must be a finite number > 0, got inf"),
     "0 patches": (["views.count=0"], r"ViewSpec\.count = 0: must be >= 1"),
     "0 images per batch": (["data.batch_size=0"], r"data\.batch_size must be >= 1, got 0"),
+    "one patch for EMP-SSL": (["views.count=1"], r"emp_ssl compares views of the same image and needs at least 2 "
+                              r"views per image; the views section gives 1 \(views\.count=1\)"),
     "batch larger than the dataset": (["data.batch_size=65"],
                                       r"data\.batch_size 65 is larger than the train split \(64 images\)"),
 }
@@ -710,6 +712,24 @@ def test_bad_config_is_one_line_and_the_run_directory_survives(tmp_path, base, c
     code, _, err = cli(capsys, *run_args(blobs, tmp_path / "runs", "new", *extra))  # a new run: nothing created
     assert_one_line_error(code, err, pattern)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("recipe, views", [("simclr/fashion_mnist_1epoch", ["views.count=1"]),
+                                           ("byol/fashion_mnist_1epoch", ["views.groups=[{count: 1}]",
+                                                                          "method.predictor=32-16"])])
+def test_one_view_for_a_method_that_compares_two_is_refused_before_the_run_directory(tmp_path, base, capsys,
+                                                                                      recipe, views):
+    """Issue 29: SimCLR with views.count=1 ended in a ValueError traceback from the loss, leaving the run
+    directory behind, so the corrected command was refused ('already exists')."""
+    blobs, _ = base
+    args = ["train", recipe, *SMALL_SIMCLR, f"data.root={blobs}", f"train.out={tmp_path / 'runs'}", "name=t",
+            "train.max_steps=1"]
+    code, _, err = cli(capsys, *args, *views)
+    assert_one_line_error(code, err, rf"{recipe.split('/')[0]} compares views of the same image and needs at least 2 "
+                          r"views per image; the views section gives 1")
+    assert not (tmp_path / "runs").exists()
+    code, _, err = cli(capsys, *args, *views[1:])                      # the corrected command runs
+    assert code == 0, err
 
 
 def test_recipe_that_is_not_yaml_is_one_line(tmp_path, capsys):
@@ -747,16 +767,23 @@ def _code_in_checkpoint(tmp_path: Path, run: Path, blobs: Path) -> str:
 def _cut_checkpoint(tmp_path: Path, run: Path, blobs: Path) -> str:
     data = checkpoint_paths(run)[-1].read_bytes()
     (run / "checkpoints" / "step_0000009.pt").write_bytes(data[: len(data) // 3])
-    return r"checkpoint .*step_0000009\.pt cannot be loaded safely"
+    return r"checkpoint .*step_0000009\.pt: it is damaged"
 
 
 def _other_config(tmp_path: Path, run: Path, blobs: Path) -> str:
     return r"cannot resume .*: its config differs in optim\.lr \(0\.3 -> 0\.1\)"
 
 
+def _only_checkpoint_cut(tmp_path: Path, run: Path, blobs: Path) -> str:
+    only = checkpoint_paths(run)[-1]
+    only.write_bytes(only.read_bytes()[:1000])
+    return (r"no intact checkpoint in .*checkpoints: step_0000003\.pt is damaged \(PytorchStreamReader failed "
+            r"reading zip archive: failed finding central directory\)$")
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("make", [_other_config, _other_architecture, _code_in_checkpoint, _cut_checkpoint],
-                         ids=["another config", "another architecture", "pickled code", "truncated checkpoint"])
+@pytest.mark.parametrize("make", [_other_config, _other_architecture, _code_in_checkpoint, _only_checkpoint_cut],
+                         ids=["another config", "another architecture", "pickled code", "the only checkpoint truncated"])
 def test_bad_resume_is_one_line_and_the_run_directory_survives(tmp_path, base, capsys, make):
     blobs, _ = base
     run = fresh_run(blobs, tmp_path / "runs")
@@ -869,3 +896,46 @@ def test_verifying_a_large_split_reads_a_bounded_sample_when_its_stamp_holds(tmp
         f.write(b"\0")
     with pytest.raises(DataError, match=rf"train/images\.npy: {size + 1} bytes, meta\.json recorded {size}"):
         open_split(root, "train", verify=True)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("command", ["eval", "export", "report", "resume"])
+def test_a_truncated_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, base, capsys, command):
+    """Issue 29: with an intact step_3 beside a truncated step_9, eval, export, report and --resume
+    stopped with a message cut mid-sentence. Now they use step 3 and say, on one warning line, which
+    file they skipped and why."""
+    blobs, _ = base
+    run = fresh_run(blobs, tmp_path / "runs")
+    pattern = _cut_checkpoint(tmp_path, run, blobs)
+    cut = run / "checkpoints" / "step_0000009.pt"
+    damaged = cut.read_bytes()
+    argv = {"eval": ["eval", run, "--probe", "knn", "--features", "full"],
+            "export": ["export", run, "--format", "safetensors", "--out", tmp_path / "b.safetensors"],
+            "report": ["report", run],
+            "resume": [*run_args(blobs, run.parent, "base", "train.max_steps=4"), "--resume"]}[command]
+    if command == "export":
+        pytest.importorskip("safetensors")
+    code, out, err = cli(capsys, *argv)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("onepoch: warning:")]
+    assert len(warnings) == 1, err
+    assert re.search(rf"onepoch: warning: skipped {pattern} \(PytorchStreamReader failed reading zip archive: "
+                     r"failed finding central directory\); using step_0000003\.pt \(step 3\), the newest intact "
+                     r"checkpoint" + ("; renamed it to step_0000009\.pt\.damaged$" if command == "resume" else "$"),
+                     warnings[0]), warnings[0]
+    if command == "eval":
+        assert json.loads((run / "eval.json").read_text())["checkpoint"] == "step_0000003.pt"
+    elif command == "export":
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / "b.safetensors"), framework="pt") as f:
+            assert f.metadata()["onepoch.step"] == "3"
+    elif command == "report":
+        assert "newest checkpoint: step_0000003.pt" in (run / "report.md").read_text()
+    else:
+        assert "trained to step 4" in out                                # the damaged file is kept, set aside
+        assert (run / "checkpoints" / "step_0000009.pt.damaged").read_bytes() == damaged
+        assert [p.name for p in checkpoint_paths(run)] == ["step_0000003.pt", "step_0000004.pt"]
+        assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    if command != "resume":
+        assert cut.read_bytes() == damaged                               # nothing deletes the evidence

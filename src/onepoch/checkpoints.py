@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from onepoch.atomic import atomic_open
-from onepoch.errors import ConfigError, one_line
+from onepoch.errors import ConfigError, one_line, warn
 
 CHECKPOINT_FORMAT = 1
 
@@ -42,15 +43,39 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int) -> Path:
     return path
 
 
+class DamagedCheckpoint(ConfigError):
+    """A checkpoint file that cannot be read at all (truncated, emptied, not a checkpoint's zip); the
+    loaders of a run directory fall back to the newest intact one (:func:`load_newest_checkpoint`)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"checkpoint {path}: it is damaged ({reason})")
+        self.path, self.reason = path, reason
+
+
+def _first_sentence(e: BaseException, limit: int = 200) -> str:
+    """The first sentence of an exception's message, whole (cut at a word, with '...', only past
+    ``limit`` characters): torch's messages go on with advice that would cut the line mid-sentence."""
+    text = one_line(e)
+    sentence = text.split(". ")[0].rstrip(".") if ". " in text else text.rstrip(".")
+    if len(sentence) > limit:
+        sentence = sentence[:limit].rsplit(" ", 1)[0] + " ..."
+    return sentence
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain data only, never code."""
+    """Load a checkpoint with ``weights_only=True``: tensors and plain data only, never code. A file
+    that cannot be read is a :class:`DamagedCheckpoint`; one that would run code, a ConfigError."""
     path = Path(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"checkpoint {path} does not exist") from None
-    except Exception as e:  # a corrupt file, or one that would need to run code to load
-        raise ConfigError(f"checkpoint {path} cannot be loaded safely: {one_line(e)[:200]}") from None
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():  # it would need to run code to load: refused, never skipped
+            raise ConfigError(f"checkpoint {path} cannot be loaded safely: {_first_sentence(e)}") from None
+        raise DamagedCheckpoint(path, _first_sentence(e)) from None
+    except Exception as e:  # a truncated or corrupt file
+        raise DamagedCheckpoint(path, _first_sentence(e)) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
         raise ConfigError(f"{path} is not an onepoch checkpoint")
     return state
@@ -62,6 +87,36 @@ def load_model_state(model: nn.Module, state: dict[str, Any], path: str | os.Pat
         model.load_state_dict(state["model"])
     except RuntimeError as e:
         raise ConfigError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
+
+
+def load_newest_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                           set_aside: bool = False) -> tuple[Path, dict[str, Any]] | None:
+    """(path, state) of the newest checkpoint of ``run_dir`` that can be read; None when it has none.
+
+    A damaged newer checkpoint (truncated, emptied) is skipped, with one warning line naming it, why,
+    and the checkpoint used instead; with ``set_aside`` (a resumed run, which will write checkpoints
+    beside it) it is renamed to ``NAME.damaged``, kept but out of the way. A checkpoint that would run
+    code or does not fit is an error, never skipped. When every checkpoint is damaged: a ConfigError."""
+    skipped: list[DamagedCheckpoint] = []
+    for path in reversed(checkpoint_paths(Path(run_dir))):
+        try:
+            state = load_checkpoint(path, map_location)
+        except DamagedCheckpoint as e:
+            skipped.append(e)
+            continue
+        for bad in skipped:
+            kept = ""
+            if set_aside:
+                aside = bad.path.with_name(bad.path.name + ".damaged")
+                os.replace(bad.path, aside)
+                kept = f"; renamed it to {aside.name}"
+            warn(f"skipped {bad}; using {path.name} (step {int(state.get('step', 0))}), the newest intact "
+                 f"checkpoint{kept}")
+        return path, state
+    if skipped:
+        names = ", ".join(f"{e.path.name} is damaged ({e.reason})" for e in skipped)
+        raise ConfigError(f"no intact checkpoint in {Path(run_dir) / 'checkpoints'}: {names}")
+    return None
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

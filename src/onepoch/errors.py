@@ -16,3 +16,11 @@ class ConfigError(OnepochError):
 def one_line(e: BaseException) -> str:
     """An exception's message on one line (whitespace collapsed), or its class name when empty."""
     return " ".join(str(e).split()) or type(e).__name__
+
+
+def warn(message: str) -> None:
+    """One line ``onepoch: warning: MESSAGE`` on stderr: something the user should know that does not stop
+    the command (e.g. a damaged checkpoint skipped for an older intact one)."""
+    import sys
+
+    print(f"onepoch: warning: {' '.join(message.split())}", file=sys.stderr, flush=True)

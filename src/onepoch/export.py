@@ -29,7 +29,7 @@ from torch import nn
 
 from onepoch import __version__
 from onepoch.atomic import atomic_open
-from onepoch.checkpoints import latest_checkpoint, load_checkpoint
+from onepoch.checkpoints import latest_checkpoint, load_checkpoint, load_newest_checkpoint
 from onepoch.data.prepared import open_split
 from onepoch.errors import ConfigError, DataError
 from onepoch.models import build_backbone
@@ -94,6 +94,12 @@ def _describe(state: dict[str, Any], source: Path) -> tuple[dict[str, torch.Tens
 def run_backbone(run: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(backbone state_dict, description) of a run directory (its newest checkpoint) or a checkpoint
     file; see :func:`_describe`."""
+    path = Path(run)
+    if path.is_dir():  # its newest intact checkpoint (a damaged newer one is skipped with a warning)
+        newest = load_newest_checkpoint(path)
+        if newest is None:
+            raise ConfigError(f"{path} has no checkpoint (is it a trained run directory?)")
+        return _describe(newest[1], newest[0])
     ckpt = checkpoint_of(run)
     return _describe(load_checkpoint(ckpt), ckpt)
 

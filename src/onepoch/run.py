@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 
 from onepoch import methods
-from onepoch.checkpoints import latest_checkpoint, load_checkpoint, load_model_state
+from onepoch.checkpoints import load_model_state, load_newest_checkpoint
 from onepoch.data.prepared import PreparedSplit, open_split
 from onepoch.errors import ConfigError
 from onepoch.models import build_backbone
@@ -182,10 +182,10 @@ def load_trained(run_dir: str | os.PathLike, overrides: dict[str, Any] | None = 
     if overrides:
         config = build_config(apply_overrides(config.to_dict(), overrides))
     train_split, test_split = open_eval_splits(config)
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
+    newest = load_newest_checkpoint(run_dir)  # a damaged newer checkpoint is skipped with a warning
+    if newest is None:
         return TrainedRun(run_dir, config, train_split, test_split, None, 0, None)
-    state = load_checkpoint(checkpoint)
+    checkpoint, state = newest
     model = build_model(config, train_split.shape[-1])
     load_model_state(model, state, checkpoint)
     return TrainedRun(run_dir, config, train_split, test_split, checkpoint, int(state["step"]), model)

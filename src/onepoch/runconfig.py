@@ -340,7 +340,12 @@ def build_config(data: dict[str, Any]) -> RunConfig:
     # Parse the method's keys and the view groups now (unknown keys and bad values are errors), and
     # store the method's full, explicit set of keys.
     config.method = {"name": methods.get(method["name"]).name, **dataclasses.asdict(config.method_config)}
-    config.view_specs  # noqa: B018  (parsed and cached)
+    specs = config.view_specs  # parsed and cached
+    total = sum(spec.count for spec in specs)
+    if total < 2:  # every method compares views of one image (EMP-SSL's invariance term too)
+        given = f"views.count={specs[0].count}" if len(specs) == 1 else f"{len(specs)} group(s) in views.groups"
+        raise ConfigError(f"{config.method['name']} compares views of the same image and needs at least 2 views per "
+                          f"image; the views section gives {total} ({given}); use views.count=2 or more")
     return config
 
 

@@ -30,7 +30,14 @@ from torch.nn.parallel import DistributedDataParallel
 from onepoch import __version__
 from onepoch import distributed as dist_
 from onepoch.atomic import atomic_write_text
-from onepoch.checkpoints import CHECKPOINT_FORMAT, latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
+from onepoch.checkpoints import (
+    CHECKPOINT_FORMAT,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    load_newest_checkpoint,
+    save_checkpoint,
+)
 from onepoch.data.loader import BatchLoader
 from onepoch.data.prepared import open_split, read_dataset_info
 from onepoch.errors import ConfigError, DataError, OnepochError, one_line
@@ -482,10 +489,23 @@ def _snapshot(run: _Run, step: int) -> dict[str, Any]:
 
 def _restore(run: _Run) -> int:
     """Load the newest checkpoint into ``run`` (every rank reads the same file); returns its step."""
-    path = dist_.broadcast_object(latest_checkpoint(run.config.run_dir) if run.world.main else None)
-    if path is None:
+    choice, state = None, None  # rank 0 chooses: None (no checkpoint), ("path", Path) or ("error", message)
+    if run.world.main:  # a damaged newer checkpoint is skipped with a warning and set aside (NAME.damaged)
+        try:
+            newest = load_newest_checkpoint(run.config.run_dir, set_aside=True)
+        except OnepochError as e:
+            choice = ("error", str(e))
+        else:
+            if newest is not None:
+                (path, state), choice = newest, ("path", newest[0])
+    choice = dist_.broadcast_object(choice)
+    if choice is None:
         return 0
-    state = load_checkpoint(path)
+    if choice[0] == "error":
+        raise TrainingError(choice[1])
+    path = choice[1]
+    if state is None:
+        state = load_checkpoint(path)
     load_model_state(run.model, state, path)
     run.optimizer.load_state_dict(state["optimizer"])
     if run.probe is not None and state.get("probe") is not None:
