@@ -303,3 +303,57 @@ def test_resume_restores_targets_queues_and_prototypes_exactly(tmp_path, name):
     assert stateful
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_resume_starts_from_the_newest_checkpoint(tmp_path):
+    """Issue 29: starting from the oldest kept checkpoint passes every bit-identity test (the replay
+    reaches the same weights), so look at what a resume leaves alone: with checkpoints at 3 and 6,
+    resuming to 7 keeps metrics.jsonl's lines 1..6 byte for byte (a resume from 3 rewrites 4..6 with
+    new times) and loads only step_0000006.pt."""
+    import onepoch.train
+
+    root = make_blobs(tmp_path / "blobs")
+    common = [f"data.root={root}", "train.checkpoint_every=3", "train.keep_checkpoints=2", "name=r"]
+    train(tiny("byol", tmp_path, *common, "train.max_steps=6"), progress_bar=False)
+    run = tmp_path / "r"
+    assert [p.name for p in checkpoint_paths(run)] == ["step_0000003.pt", "step_0000006.pt"]
+    before = (run / "metrics.jsonl").read_bytes()
+    loaded = []
+    real = onepoch.train.load_newest_checkpoint
+
+    def spy(*args, **kwargs):
+        found = real(*args, **kwargs)
+        loaded.append(found[0].name if found else None)
+        return found
+
+    onepoch.train.load_newest_checkpoint = spy
+    try:
+        result = train(tiny("byol", tmp_path, *common, "train.max_steps=7"), resume=True, progress_bar=False)
+    finally:
+        onepoch.train.load_newest_checkpoint = real
+    assert loaded == ["step_0000006.pt"] and result.steps == 7
+    after = (run / "metrics.jsonl").read_bytes()
+    assert after.startswith(before) and after[len(before):].count(b"\n") == 1   # only step 7 is new
+
+
+@pytest.mark.parametrize("name", ["byol", "ressl"])
+def test_export_gives_the_online_backbone_not_the_ema_target(tmp_path, name):
+    """Issue 29: returning the EMA target passed every test. After 4 steps with a momentum of 0.5 the
+    target differs from the online network; the export must hold the online one, tensor for tensor."""
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file
+
+    from onepoch.cli import main
+
+    root = make_blobs(tmp_path / "blobs")
+    config = tiny(name, tmp_path, f"data.root={root}", "train.max_steps=4", "method.momentum=0.5", "name=e")
+    model = train(config, progress_bar=False).model
+    online = {k: v.detach() for k, v in model.backbone.state_dict().items()}
+    target = {k: v.detach() for k, v in model.target_backbone.state_dict().items()}
+    assert any(not torch.equal(online[k], target[k]) for k in online if online[k].is_floating_point())
+    out = tmp_path / "b.safetensors"
+    assert main(["export", str(config.run_dir), "--format", "safetensors", "--out", str(out)]) == 0
+    exported = load_file(str(out))
+    assert exported.keys() == online.keys()
+    for key, tensor in exported.items():
+        assert torch.equal(tensor, online[key].cpu()), key
