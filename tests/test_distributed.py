@@ -56,6 +56,11 @@ def parameters(state: dict) -> torch.Tensor:
                       if v.is_floating_point() and "running_" not in k])
 
 
+def running_statistics(state: dict) -> torch.Tensor:
+    """BatchNorm's running means and variances of a state dict (what every evaluation uses), flattened."""
+    return torch.cat([v.flatten().double() for k, v in state.items() if "running_" in k])
+
+
 def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -66,8 +71,8 @@ def test_two_processes_train_what_one_process_trains(tmp_path, blobs100):
     BatchNorm synchronised. At the first step (identical weights) the loss agrees to 1e-5 (relative).
     After that float32 rounding differs (other reduction orders) and the network amplifies it; so the
     losses of steps 2-3 and the weights after 3 steps must agree to 1e-5 and 1e-4 (relative), or to 3x
-    what a second 1-process run that only rounds differently (2 threads, NCHW layout) differs by.
-    Measured here: weights within 4e-7..9e-5 (the noise run: 1e-5..1e-3); a missing gather or an
+    what a second 1-process run that only rounds differently (2 threads, NCHW layout) differs by; so
+    must BatchNorm's running statistics, which every evaluation uses. Measured here: weights within 4e-7..9e-5 (the noise run: 1e-5..1e-3); a missing gather or an
     unsynchronised BatchNorm is off by 1e-2 or more."""
     jobs = []
     for name in METHODS:
@@ -91,9 +96,10 @@ def test_two_processes_train_what_one_process_trains(tmp_path, blobs100):
         s_two, s_one, s_noise = (load_checkpoint(checkpoint_paths(r)[-1]) for r in (two, one, noise))
         assert s_two["step"] == s_one["step"] == 3
         for part in ("model", "probe"):
-            ddp_error = relative(parameters(s_two[part]), parameters(s_one[part]))
-            rounding = relative(parameters(s_noise[part]), parameters(s_one[part]))
-            assert ddp_error <= max(1e-4, 3 * rounding), (name, part, ddp_error, rounding)
+            for kind, tensors in (("weights", parameters), ("running statistics", running_statistics)):
+                ddp_error = relative(tensors(s_two[part]), tensors(s_one[part]))
+                rounding = relative(tensors(s_noise[part]), tensors(s_one[part]))
+                assert ddp_error <= max(1e-4, 3 * rounding), (name, part, kind, ddp_error, rounding)
         assert not list(two.glob("**/.*.tmp")), "a half-written file"
 
 
