@@ -2,6 +2,7 @@
 
 The Python API (:mod:`onepoch.api`, imported on first use): ``onepoch.train(recipe, **overrides)``,
 ``onepoch.evaluate(run_dir)``, ``onepoch.load_backbone(path)``, ``onepoch.embed(model, images)``,
+``onepoch.embed_folder(run, folder, out=...)``,
 ``onepoch.recipes()``.
 """
 
@@ -9,7 +10,7 @@ import sys as _sys
 import types as _types
 
 __version__ = "0.1.0"
-_API = ("RunResult", "embed", "evaluate", "load_backbone", "recipes")
+_API = ("Embedding", "RunResult", "embed", "embed_folder", "evaluate", "load_backbone", "recipes")
 __all__ = [*_API, "train", "__version__"]
 
 

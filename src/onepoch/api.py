@@ -6,6 +6,7 @@
     report = onepoch.evaluate(run.run_dir, probes=["knn"], features=["full"])
     backbone = onepoch.load_backbone(run.run_dir, device="cpu")     # or an exported file
     features = onepoch.embed(backbone, images_uint8_nhwc)           # (N, feature_dim) float32
+    emb = onepoch.embed_folder(run.run_dir, "photos/", out="photos.npy")  # any image folder: .features, .files
     onepoch.recipes()                                               # {name: one-line description}
 """
 
@@ -15,18 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from onepoch.errors import ConfigError
+from onepoch.embedding import Embedding, backbone_features, embed_images
 from onepoch.eval import evaluate_run
 from onepoch.export import read_backbone
 from onepoch.run import read_metrics
 from onepoch.runconfig import RECIPES_DIR, load_config
 from onepoch.train import train as run_training
 
-__all__ = ["RunResult", "embed", "evaluate", "load_backbone", "recipes", "train"]
+__all__ = ["Embedding", "RunResult", "embed", "embed_folder", "evaluate", "load_backbone", "recipes", "train"]
 
 
 @dataclass
@@ -92,7 +92,6 @@ def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> nn.Mo
     return model.to(device).eval()
 
 
-@torch.no_grad()
 def embed(model: nn.Module, images, *, batch_size: int = 256, mean=None, std=None,
           device: str | torch.device | None = None) -> torch.Tensor:
     """Features of ``images`` from ``model`` (a backbone, e.g. from :func:`load_backbone`): float32 on the
@@ -102,36 +101,21 @@ def embed(model: nn.Module, images, *, batch_size: int = 256, mean=None, std=Non
     [0, 1] and normalised ``(x - mean) / std`` per channel with ``mean``/``std`` if given, else the
     model's ``normalization``, else left in [0, 1]; or a float tensor (N, C, H, W), used as it is.
     Computed in batches of ``batch_size`` on ``device`` (default: where the model is), model in eval mode.
+    For the images of a folder or a prepared dataset, see :func:`embed_folder`.
     """
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    x = images if isinstance(images, torch.Tensor) else np.asarray(images)   # a memmap stays one
-    uint8 = x.dtype in (torch.uint8, np.uint8)
-    if uint8:
-        if x.ndim != 4:
-            raise ConfigError(f"uint8 images must be (N, H, W, C), got shape {tuple(x.shape)}")
-        norm = getattr(model, "normalization", None) or {}
-        mean = mean if mean is not None else norm.get("mean")
-        std = std if std is not None else norm.get("std")
-        if (mean is None) != (std is None) or (mean is not None and not len(mean) == len(std) == x.shape[-1]):
-            raise ConfigError(f"mean and std need one value per channel ({x.shape[-1]}), got {mean} and {std}")
-    elif not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim == 4):
-        raise ConfigError(f"images must be uint8 (N, H, W, C) or a float tensor (N, C, H, W), got {x.dtype} "
-                          f"{tuple(x.shape)}")
-    if device is None:
-        device = next(iter(model.parameters()), torch.empty(0)).device
-    model.eval()
-    out = []
-    for start in range(0, x.shape[0], batch_size):
-        batch = x[start:start + batch_size]
-        batch = (batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.array(batch))).to(device)
-        if uint8:
-            batch = batch.permute(0, 3, 1, 2).float().div(255)
-            if mean is not None:
-                batch = (batch - torch.tensor(mean, device=device).view(1, -1, 1, 1)) / torch.tensor(
-                    std, device=device).view(1, -1, 1, 1)
-        out.append(model(batch).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    return backbone_features(model, images, batch_size=batch_size, mean=mean, std=std, device=device)
+
+
+def embed_folder(run: str | Path, data: str | Path, out: str | Path | None = None, *, split: str = "train",
+                 size: int | None = None, force: bool = False, batch_size: int = 256,
+                 device: str | torch.device = "cpu") -> Embedding:
+    """The features of every image of ``data`` (an image folder, labelled or not, any depth; or a prepared
+    dataset's ``split``) from the trained backbone of ``run`` (a run directory, checkpoint or export), as
+    ``onepoch embed RUN --data DIR --out FILE`` computes them: ``.features`` float32 (N, D), ``.files`` the
+    name of each row's image. With ``out`` (a ``.npy`` path) they are also written there, with the file list
+    beside it (``FILE.files.txt`` for ``FILE.npy``); an existing file is replaced only with ``force=True``.
+    ``size``: the image size (default: the resolution the run was trained at)."""
+    return embed_images(run, data, out, split=split, size=size, force=force, batch_size=batch_size, device=device)
 
 
 def _summary(path: Path, width: int = 110) -> str:

@@ -43,7 +43,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     plan = locate_source(args.name, args.source, size=args.size, test_source=args.test_source,
                          test_fraction=args.test_fraction, grayscale=args.grayscale, seed=args.seed,
                          download=not args.no_download, layout=args.layout, max_side=args.max_side,
-                         quality=args.quality, classes=args.classes)
+                         quality=args.quality, classes=args.classes, unlabelled=args.unlabelled)
     if check_out_dir(out, plan.name, plan.request, force=args.force):
         print(f"{out} already holds this prepared dataset ({plan.name}, from the same files); "
               "nothing to do (--force rebuilds it)")
@@ -51,8 +51,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     data = plan.read()
     write_prepared(data, out, force=args.force)
     shapes = ", ".join(_split_summary(split, a) for split, a in data.splits.items())
-    print(f"prepared {data.name} -> {out}: {shapes}, {len(data.class_names)} classes "
-          f"({time.perf_counter() - start:.1f} s)")
+    classes = "unlabelled" if args.unlabelled else f"{len(data.class_names)} classes"
+    print(f"prepared {data.name} -> {out}: {shapes}, {classes} ({time.perf_counter() - start:.1f} s)")
     return 0
 
 
@@ -223,6 +223,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from onepoch.embedding import embed_images
+
+    start = time.perf_counter()
+    result = embed_images(args.run, args.data, args.out, split=args.split, size=args.size, force=args.force,
+                          batch_size=args.batch_size, device=args.device)
+    n, dim = result.features.shape
+    print(f"wrote {result.path}: {n:,} x {dim} float32 features of {args.data} "
+          f"({time.perf_counter() - start:.1f} s); one image name per row in {result.files_path}")
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     from onepoch.api import recipes
 
@@ -273,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="folder: output image size (resize shorter side, centre crop)")
     p.add_argument("--grayscale", action="store_true", help="folder: store one channel instead of RGB")
     p.add_argument("--seed", type=int, default=0, help="seed of the folder train/test split (default 0)")
+    p.add_argument("--unlabelled", action="store_true", help="folder: every image at any depth, no class folders "
+                   "needed; one split, train, marked unlabelled (train without the online probe; evaluate on a "
+                   "labelled dataset, or use `onepoch embed`)")
     p.add_argument("--layout", choices=("raw", "jpeg"), help="folder, npz: raw uint8 arrays (default) or the "
                    "JPEG files kept as they are (jpeg)")
     p.add_argument("--max-side", type=int, metavar="N", help="JPEG at rest: re-encode images whose longer side "
@@ -369,6 +384,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="file to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("embed", help="write the features of any image folder with a run's trained backbone",
+                       description="Compute the backbone's features (the whole image, normalised as in training) "
+                       "of every image of --data: an image folder, labelled or not (every PNG/JPEG at any depth, "
+                       "resized as prepare folder does: shorter side to the image size, centre crop), or a "
+                       "prepared dataset's --split. Writes --out (.npy, float32, one row per image) and beside it "
+                       "FILE.files.txt for FILE.npy (one image name per row, in the same order).")
+    p.add_argument("run", metavar="RUN", help="a run directory, a checkpoint file or an exported backbone")
+    p.add_argument("--data", required=True, metavar="DIR", help="an image folder or a prepared dataset")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .npy file to write")
+    p.add_argument("--split", default="train", help="a prepared dataset's split (default train)")
+    p.add_argument("--size", type=int, metavar="N", help="image size (default: the resolution the run was "
+                   "trained at; needed for an exported backbone)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="B", help="images per forward pass (default 256)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--force", action="store_true", help="replace --out (and its file list) if it exists")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("recipes", help="list the shipped recipes, one line each",
                        description="List the recipes shipped with onepoch (onepoch train NAME, onepoch compare "

@@ -85,15 +85,17 @@ def open_eval_splits(config: RunConfig) -> tuple[PreparedSplit, PreparedSplit]:
     """The (train, test) splits the run's representation is evaluated on: ``data.train_split`` and
     ``data.test_split``, each cut to ``data.limit`` / ``data.test_limit``; both must be labelled. Both are
     verified against their meta.json first (bounded: see onepoch.data.checksum.check_stamp)."""
-    train_split = open_split(Path(config.data.root), config.data.train_split, image_size=config.data.image_size,
-                             verify=True)
-    test_split = open_split(Path(config.data.root), config.data.test_split, image_size=config.data.image_size,
-                            verify=True)
-    for split in (train_split, test_split):
+    def opened(name: str) -> PreparedSplit:  # an unlabelled split is refused before the next one is opened
+        split = open_split(Path(config.data.root), name, image_size=config.data.image_size, verify=True)
         if split.meta.get("labelled") is False:
             raise ConfigError(f"split {split.split!r} of {config.data.root} has no real labels, so probes cannot be "
-                              f"trained or tested on it; evaluate with data.train_split=<a labelled split> "
-                              f"(e.g. onepoch eval RUN data.train_split=train)")
+                              f"trained or tested on it; evaluate on labelled splits: onepoch eval RUN "
+                              f"data.train_split=<a labelled split> (e.g. data.train_split=train for STL-10), or "
+                              f"data.root=<a labelled prepared dataset of the same image size>; onepoch embed RUN "
+                              f"--data DIR --out FILE.npy writes features without labels")
+        return split
+
+    train_split, test_split = opened(config.data.train_split), opened(config.data.test_split)
     if config.data.limit is not None and config.data.limit < train_split.num_images:
         train_split = train_split.subset(config.data.limit)
     if config.data.test_limit is not None and config.data.test_limit < test_split.num_images:

@@ -113,7 +113,8 @@ class TrainConfig:
     channels_last: str | bool = "auto"  # auto / on: NHWC memory format (faster on CPU too, benchmarks/train_step.py); off
     compile: bool = False              # torch.compile the model
     threads: int | None = None         # CPU threads (torch.set_num_threads)
-    online_probe: bool = True          # a linear classifier on detached backbone features of the first view
+    online_probe: bool | None = None   # a linear classifier on detached backbone features of the first view;
+                                       # null: on when the training split is labelled, off (said once) when not
     online_probe_lr: float = 1e-3      # its own Adam optimizer
     log_every: int = 10                # steps between host syncs: metrics lines, progress bar, non-finite check
     resume: str | bool = "off"         # off | on (continue the run) | auto (continue it if it has a checkpoint)

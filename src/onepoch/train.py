@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -435,11 +436,16 @@ def _build(config: RunConfig, world) -> _Run:
     # split too when the online probe will be tested on it (bounded: see onepoch.data.checksum.check_stamp)
     split = open_split(Path(config.data.root), config.data.train_split, verify=True,
                        image_size=config.data.image_size)
-    if tc.online_probe and config.data.test_split in read_dataset_info(config.data.root).get("splits", []):
-        open_split(Path(config.data.root), config.data.test_split, verify=True, image_size=config.data.image_size)
-    if tc.online_probe and split.meta.get("labelled", True) is False:
+    labelled = split.meta.get("labelled", True) is not False
+    if tc.online_probe and not labelled:
         raise ConfigError(f"the {config.data.train_split} split of {config.data.root} has no labels (its meta.json "
                           "says \"labelled\": false), so the online probe cannot learn: set train.online_probe=false")
+    with_probe = labelled if tc.online_probe is None else tc.online_probe  # null: on for a labelled split
+    if not labelled and tc.online_probe is None and world.main:
+        print(f"onepoch: the {config.data.train_split} split of {config.data.root} is unlabelled: training "
+              "without the online probe", file=sys.stderr, flush=True)
+    if with_probe and config.data.test_split in read_dataset_info(config.data.root).get("splits", []):
+        open_split(Path(config.data.root), config.data.test_split, verify=True, image_size=config.data.image_size)
     if config.data.limit is not None and config.data.limit < split.num_images:
         split = split.subset(config.data.limit)
     per_rank = _check_batch(config, split, world)
@@ -451,7 +457,7 @@ def _build(config: RunConfig, world) -> _Run:
     if use_cl:
         model = model.to(memory_format=torch.channels_last)
     probe = build_online_probe(model.backbone.feature_dim, len(split.class_names)).to(device) \
-        if tc.online_probe else None
+        if with_probe else None
     if world.size > 1 and config.model.sync_bn:
         model = dist_.convert_sync_batchnorm(model, device.type)
         probe = dist_.convert_sync_batchnorm(probe, device.type) if probe is not None else None

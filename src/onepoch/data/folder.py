@@ -63,6 +63,36 @@ def readable_name(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
+def not_an_image(path: Path) -> DataError:
+    """The error for a file of an image folder that is not a PNG/JPEG file (by its extension)."""
+    return DataError(f"{path}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})")
+
+
+def list_unlabelled_folder(root: str | os.PathLike) -> list[Path]:
+    """Every image file under ``root`` at any depth (an unlabelled folder: no class folders needed; class
+    folders, if any, are just subfolders), in path order. Names starting with '.' are ignored; any other
+    file that is not a PNG/JPEG file is an error naming it, as in a labelled folder."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist or is not a directory")
+    found: list[Path] = []
+
+    def walk(directory: Path) -> None:
+        for e in _visible_entries(directory):
+            path = directory / e.name
+            if e.is_dir():
+                walk(path)
+            elif not e.name.lower().endswith(IMAGE_EXTENSIONS):
+                raise not_an_image(path)
+            else:
+                found.append(path)
+
+    walk(root)
+    if not found:
+        raise DataError(f"image folder {root} contains no images ({', '.join(IMAGE_EXTENSIONS)}) at any depth")
+    return found
+
+
 def list_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -> FolderListing:
     """List the class directories and image files of ``root`` (see the module docstring).
 
@@ -104,9 +134,7 @@ def list_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = N
             if e.is_dir():
                 raise DataError(f"{class_path / e.name}: unexpected directory inside a class folder")
             if not e.name.lower().endswith(IMAGE_EXTENSIONS):
-                raise DataError(
-                    f"{class_path / e.name}: not an image file (expected {', '.join(IMAGE_EXTENSIONS)})"
-                )
+                raise not_an_image(class_path / e.name)
             images.append(class_path / e.name)
         if not images:
             raise DataError(f"{class_path}: class folder contains no images")
@@ -197,6 +225,14 @@ def _check_same_classes(train: FolderListing, test: FolderListing) -> None:
         )
 
 
+def check_size(size: int | None) -> None:
+    """A folder's ``--size``: required, a positive integer."""
+    if size is None:
+        raise DataError("an image folder source needs a target image size (--size N)")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise DataError(f"image size must be a positive integer, got {size!r}")
+
+
 def read_image_folder(root: str | os.PathLike, *, size: int | None, grayscale: bool = False,
                       test_source: str | os.PathLike | None = None,
                       test_fraction: float | None = None,
@@ -207,10 +243,7 @@ def read_image_folder(root: str | os.PathLike, *, size: int | None, grayscale: b
     :func:`stratified_split` of ``root`` with ``test_fraction`` (default 0.2) and ``seed``.
     ``size`` is required.
     """
-    if size is None:
-        raise DataError("an image folder source needs a target image size (--size N)")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise DataError(f"image size must be a positive integer, got {size!r}")
+    check_size(size)
     (train_paths, train_labels), (test_paths, test_labels), class_names = split_image_folder(
         root, test_source=test_source, test_fraction=test_fraction, seed=seed)
     channels = "grayscale" if grayscale else "RGB"
@@ -307,3 +340,28 @@ def files_stamp(roots: Sequence[Path]) -> dict[str, object]:
                 digest.update(os.fsencode(f"{class_dir.name}/{e.name}\t{st.st_size}\t{st.st_mtime_ns}\n"))
                 files += 1
     return {"files": files, "sha256": digest.hexdigest()}
+
+
+# --- unlabelled folders ----------------------------------------------------------------------------
+
+UNLABELLED_SPLIT = "train"  # the one split of an unlabelled folder, marked "labelled": false
+UNLABELLED_CLASS_NAMES = ["unlabelled"]  # one placeholder class: every label is 0 and means nothing
+
+
+def read_unlabelled_folder(paths: Sequence[Path], *, size: int | None, grayscale: bool = False
+                           ) -> dict[str, SplitArrays]:
+    """The images of :func:`list_unlabelled_folder` as one split decoded as in :func:`read_image_folder`
+    (any mix of sizes becomes ``size`` x ``size``), labels all 0."""
+    check_size(size)
+    images = decode_images(list(paths), size, grayscale, f"decoding images ({'grayscale' if grayscale else 'RGB'})")
+    return {UNLABELLED_SPLIT: SplitArrays(images, np.zeros(len(paths), np.int64))}
+
+
+def listing_stamp(root: Path, paths: Sequence[Path]) -> dict[str, object]:
+    """A fingerprint of the listed image files (name relative to ``root``, size and modification time of
+    each, hashed) that notices any image added, removed, renamed or rewritten at any depth."""
+    digest = hashlib.sha256()
+    for path in paths:
+        st = path.stat()
+        digest.update(os.fsencode(f"{path.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n"))
+    return {"files": len(paths), "sha256": digest.hexdigest()}

@@ -310,11 +310,36 @@ def _stamp_tree(base: Path, roots: list[Path]) -> dict[str, Any]:
     return folder.tree_stamp(base, roots)
 
 
+def _unlabelled_folder_plan(root: Path, layout: str, *, size: int | None, grayscale: bool, test_source: Any,
+                            test_fraction: Any, jpeg: dict[str, Any]) -> SourcePlan:
+    """``folder --unlabelled``: every image under ``root`` at any depth, one split marked "labelled": false."""
+    if test_source is not None or test_fraction is not None:
+        raise DataError("folder --unlabelled: an unlabelled folder has a single split, no test split "
+                        "(--test-source and --test-fraction apply to folders with one subfolder per class)")
+    paths = folder.list_unlabelled_folder(root)
+    request: dict[str, Any] = {"dataset": "folder", "source": str(root), "unlabelled": True,
+                               **({"size": size, "grayscale": bool(grayscale)} if layout == "raw"
+                                  else {"layout": "jpeg", **jpeg}),
+                               "files": folder.listing_stamp(root, paths)}
+    class_names, unlabelled = folder.UNLABELLED_CLASS_NAMES, (folder.UNLABELLED_SPLIT,)
+
+    def read() -> SourceData:
+        if layout == "jpeg":
+            splits: dict[str, Any] = {folder.UNLABELLED_SPLIT: folder.encoded_files(paths, [0] * len(paths))}
+        else:
+            splits = _checked(str(root), folder.read_unlabelled_folder(paths, size=size, grayscale=grayscale),
+                              class_names)
+        return SourceData("folder", splits, class_names, str(root), request, max_side=jpeg.get("max_side"),
+                          quality=jpeg.get("quality", DEFAULT_QUALITY), unlabeled_splits=unlabelled)
+
+    return SourcePlan("folder", request, read)
+
+
 def locate_source(name: str, source: str | os.PathLike | None = None, *, size: int | None = None,
                   test_source: str | os.PathLike | None = None, test_fraction: float | None = None,
                   grayscale: bool = False, seed: int = 0, download: bool = True, layout: str | None = None,
                   max_side: int | None = None, quality: int | None = None,
-                  classes: str | os.PathLike | Sequence[str] | None = None) -> SourcePlan:
+                  classes: str | os.PathLike | Sequence[str] | None = None, unlabelled: bool = False) -> SourcePlan:
     """Find dataset source ``name`` (one of :data:`SOURCE_NAMES`) without decoding it (a missing
     built-in dataset may be downloaded here). See :func:`load_source` for the arguments."""
     if name not in SOURCE_NAMES:
@@ -329,6 +354,11 @@ def locate_source(name: str, source: str | os.PathLike | None = None, *, size: i
     def encoded(splits: dict[str, Any], class_names: list[str], where: str, request: dict[str, Any]) -> SourceData:
         return SourceData(name, splits, class_names, where, request, max_side=max_side, quality=quality)
 
+    if unlabelled and name != "folder":
+        raise DataError(f"{name}: --unlabelled applies to folder sources (any tree of images)")
+    if name == "folder" and unlabelled:
+        return _unlabelled_folder_plan(_absolute(source), chosen, size=size, grayscale=grayscale,
+                                       test_source=test_source, test_fraction=test_fraction, jpeg=jpeg)
     if name == "folder":
         root = _absolute(source)
         test_root = _absolute(test_source) if test_source is not None else None
@@ -484,7 +514,7 @@ def load_source(name: str, source: str | os.PathLike | None = None, *, size: int
                 test_source: str | os.PathLike | None = None, test_fraction: float | None = None,
                 grayscale: bool = False, seed: int = 0, download: bool = True, layout: str | None = None,
                 max_side: int | None = None, quality: int | None = None,
-                classes: str | os.PathLike | Sequence[str] | None = None) -> SourceData:
+                classes: str | os.PathLike | Sequence[str] | None = None, unlabelled: bool = False) -> SourceData:
     """Read dataset source ``name`` (one of :data:`SOURCE_NAMES`) into train/test splits.
 
     ``source`` is a path (directory, archive or file, depending on the source); it is required for
@@ -493,11 +523,13 @@ def load_source(name: str, source: str | os.PathLike | None = None, *, size: int
     ``layout="jpeg"`` keeps a folder's or an npz's JPEG bytes (JPEG at rest) instead of raw arrays;
     ``max_side`` and ``quality`` apply to JPEG-at-rest sources (longer side cap; JPEG quality of the
     images encoded again, default 95). ``classes`` (a file of wnids, one per line, or a list) keeps a
-    subset of the classes of imagenet, imagenette* and tiny-imagenet.
+    subset of the classes of imagenet, imagenette* and tiny-imagenet. ``unlabelled=True`` reads a folder as
+    every image under it at any depth (no class folders needed) into one ``train`` split marked
+    ``"labelled": false`` in its meta.json.
     ``download=False`` (or ``ONEPOCH_OFFLINE=1``) forbids fetching missing files.
     The result's ``request`` records the resolved inputs that determine the output. JPEG-at-rest
     splits are :class:`onepoch.data.encoded.EncodedSource` (read when written by ``write_prepared``).
     """
     return locate_source(name, source, size=size, test_source=test_source, test_fraction=test_fraction,
                          grayscale=grayscale, seed=seed, download=download, layout=layout, max_side=max_side,
-                         quality=quality, classes=classes).read()
+                         quality=quality, classes=classes, unlabelled=unlabelled).read()
