@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,3 +96,24 @@ def test_recipes_list_every_shipped_recipe_in_one_line(capsys):
     assert main(["recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(shipped) and lines[0].split()[0] == list(entries)[0]
+
+
+def _readme_block(heading: str) -> str:
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split(f"\n{heading}\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+def test_the_readme_python_api_example_defines_every_name_it_uses():
+    """Issue 29: the README's Python API example used `images` without saying where they come from.
+    Every name a statement reads must be a builtin or set by an earlier statement (import or assignment)."""
+    import ast
+    import builtins
+
+    defined = set(dir(builtins))
+    for statement in ast.parse(_readme_block("## Python API")).body:
+        used = {n.id for n in ast.walk(statement) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        assert used <= defined, f"line {statement.lineno} uses {sorted(used - defined)} before defining it"
+        defined |= {n.id for n in ast.walk(statement) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        defined |= {(a.asname or a.name).split(".")[0] for n in ast.walk(statement)
+                    if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}

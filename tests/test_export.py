@@ -31,10 +31,11 @@ def reference_shapes(lib: str, arch: str) -> dict[str, tuple[int, ...]]:
     return {str(n): tuple(json.loads(str(s))) for n, s in zip(names, shapes)}
 
 
-def fake_checkpoint(tmp_path: Path, arch: str, stem: str = "imagenet", width: float = 1.0) -> Path:
+def fake_checkpoint(tmp_path: Path, arch: str, stem: str = "imagenet", width: float = 1.0, *extra: str) -> Path:
     """An onepoch checkpoint of an EMP-SSL model whose backbone holds the formula weights."""
     config = load_config(None, [f"model.arch={arch}", f"model.stem={stem}", f"model.width={width}",
-                                "method.pre_feature=16", "method.projector=16-8", f"data.root={tmp_path / 'none'}"])
+                                "method.pre_feature=16", "method.projector=16-8", f"data.root={tmp_path / 'none'}",
+                                *extra])
     model = build_model(config, 3)
     state = {k: torch.from_numpy(formula_tensor(k.removeprefix("backbone."), tuple(v.shape)))
              if k.startswith("backbone.") else v for k, v in model.state_dict().items()}
@@ -156,3 +157,19 @@ def test_export_never_replaces_an_existing_file_without_force(tmp_path, capsys):
     assert f"--out {tmp_path} is a directory" in capsys.readouterr().err
     assert main(["export", str(ckpt), "--format", "torchvision", "--out", str(notes), "--force"]) == 0
     assert "conv1.weight" in torch.load(notes, weights_only=True)
+
+
+def test_the_pth_hint_says_how_inputs_were_normalised_since_the_file_cannot(tmp_path, capsys):
+    """Issue 29: the .pth export (a bare state_dict) drops the input normalisation that safetensors keeps,
+    and its hint did not say so. It now gives the mean/std to apply, or says they are unknown."""
+    known = fake_checkpoint(tmp_path, "resnet18", "imagenet", 1.0, "views.mean=[0.5,0.4,0.3]",
+                            "views.std=[0.25,0.2,0.125]")
+    assert main(["export", str(known), "--format", "timm", "--out", str(tmp_path / "k.pth")]) == 0
+    out = capsys.readouterr().out
+    assert ("the .pth file does not keep the input normalisation: feed images on the 0..1 scale normalised with "
+            "mean [0.5, 0.4, 0.3] and std [0.25, 0.2, 0.125] (per channel)") in out
+    unknown = fake_checkpoint(tmp_path, "resnet18")                     # its dataset cannot be opened here
+    assert main(["export", str(unknown), "--format", "torchvision", "--out", str(tmp_path / "u.pth")]) == 0
+    out = capsys.readouterr().out
+    assert ("the .pth file does not keep the input normalisation, and it is unknown here (the run's dataset "
+            "cannot be opened): normalise inputs as its training views were") in out

@@ -302,8 +302,10 @@ def test_full_disk_while_writing_online_probe_json_keeps_the_previous_one(tmp_pa
     args = run_args(blobs, tmp_path / "runs", "full", "train.epochs=1")  # 8 steps: the probe is tested at the end
     assert cli(capsys, *args)[0] == 0
     run = tmp_path / "runs" / "full"
+    # a report of another step (as from a shorter run): resuming the finished run tests the probe again
+    report = json.loads((run / "online_probe.json").read_text())
+    (run / "online_probe.json").write_text(json.dumps({**report, "step": 7}))
     before = tree_bytes(run)
-    assert "online_probe.json" in before
     fill_disk(monkeypatch, onepoch.train, "online_probe.json")
     code, _, err = cli(capsys, *args, "--resume")  # a finished run: only the probe report is written again
     assert_one_line_error(code, err, "No space left on device")
@@ -921,7 +923,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_p
     assert len(warnings) == 1, err
     assert re.search(rf"onepoch: warning: skipped {pattern} \(PytorchStreamReader failed reading zip archive: "
                      r"failed finding central directory\); using step_0000003\.pt \(step 3\), the newest intact "
-                     r"checkpoint" + ("; renamed it to step_0000009\.pt\.damaged$" if command == "resume" else "$"),
+                     r"checkpoint" + (r"; renamed it to step_0000009\.pt\.damaged$" if command == "resume" else "$"),
                      warnings[0]), warnings[0]
     if command == "eval":
         assert json.loads((run / "eval.json").read_text())["checkpoint"] == "step_0000003.pt"
@@ -939,3 +941,122 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_p
         assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     if command != "resume":
         assert cut.read_bytes() == damaged                               # nothing deletes the evidence
+
+
+def test_an_error_during_training_is_not_drawn_over_by_the_progress_bar(tmp_path, base, capsys, monkeypatch):
+    """Issue 29: the error line was appended to the bar's line, then the bar, closed later, redrew
+    itself over it. The bar is now closed (ending its line) before the error is printed."""
+    import gc
+
+    import onepoch.progress
+
+    class Immediate(onepoch.progress.tqdm):                 # drawn at once, every update
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "delay": 0, "mininterval": 0})
+
+    monkeypatch.setenv("ONEPOCH_PROGRESS", "1")
+    monkeypatch.setattr(onepoch.progress, "tqdm", Immediate)
+    real, calls = emp.emp_ssl_loss, {"n": 0}
+
+    def flaky(z, **kw):
+        loss, parts = real(z, **kw)
+        calls["n"] += 1
+        return (loss * float("nan"), parts) if calls["n"] == 5 else (loss, parts)
+
+    monkeypatch.setattr(emp, "emp_ssl_loss", flaky)
+    blobs, _ = base
+    code = main([str(a) for a in run_args(blobs, tmp_path, "t")])
+    gc.collect()                                            # a bar left open would redraw itself now
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "train t:" in err                                # the bar was drawn
+    pieces = [p for p in re.split(r"[\r\n]", err) if p.strip()]
+    assert pieces[-1].startswith("onepoch: error: loss is nan at step 5"), pieces[-3:]
+    assert re.search(r"\nonepoch: error: ", err)            # at the start of a line
+
+
+def test_resuming_a_finished_run_reports_it_without_running_the_probe_again(tmp_path, base, capsys, monkeypatch):
+    """Issue 29: `--resume` of a finished run printed `final loss nan` and tested the online probe again.
+    Now it says the run is already trained, gives the last logged loss and the stored probe accuracy,
+    and leaves the run directory byte-identical."""
+    blobs, _ = base
+    code, out, err = cli(capsys, *run_args(blobs, tmp_path, "t"))                # 8 steps, to the end
+    assert code == 0 and "trained to step 8" in out, err
+    run = tmp_path / "t"
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    probe = json.loads((run / "online_probe.json").read_text())["test_acc"]
+    before = tree_bytes(run)
+
+    def no_probe_test(*a, **k):
+        raise AssertionError("the online probe was tested again")
+
+    monkeypatch.setattr(onepoch.train, "online_probe_accuracy", no_probe_test)
+    code, out, err = cli(capsys, *run_args(blobs, tmp_path, "t"), "--resume")
+    assert code == 0, err
+    assert "nan" not in out and last["step"] == 8
+    assert re.search(rf"run {re.escape(str(run))} is already trained to step 8 \(nothing to do\); final loss "
+                     rf"{last['loss']:.4f}\n", out), out
+    assert f"online linear probe: {100 * probe:.2f} %" in out
+    assert tree_bytes(run) == before
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_staging_directory_left_by_a_killed_prepare_is_removed_by_the_next(tmp_path, capsys):
+    """Issue 29: SIGKILL during `prepare` left `.OUT.XXXX.partial` (85 MB for Imagenette) that no later run
+    removed. Staging names now hold HOST-PID; the next prepare of the same --out removes those of dead
+    processes of this host, and keeps a live process's and another host's."""
+    import socket
+
+    from test_source_folder import make_folder
+
+    host, parent = socket.gethostname(), tmp_path / "data"
+    dead, live = _dead_pid(), os.getpid()
+    leftovers = {name: parent / name for name in (
+        f".pets.{host}-{dead}.k2j4_x9a.partial", f".pets.old-{host}-{dead}",         # a killed run's
+        f".pets.{host}-{live}.abcd1234.partial", f".pets.otherhost-{dead}.abcd1234.partial",  # kept
+        f".pets.x8d7k2m1.partial", f".other.{host}-{dead}.abcd1234.partial")}
+    for path in leftovers.values():
+        (path / "train").mkdir(parents=True)
+        (path / "train" / "encoded.bin").write_bytes(b"\0" * 1000)
+    root = make_folder(tmp_path / "src")
+    code, _, err = cli(capsys, "prepare", "folder", "--source", root, "--out", parent / "pets", "--size", "8")
+    assert code == 0, err
+    assert sorted(p.name for p in parent.iterdir() if p.name.startswith(".")) == sorted([
+        f".pets.{host}-{live}.abcd1234.partial", f".pets.otherhost-{dead}.abcd1234.partial",
+        ".pets.x8d7k2m1.partial", f".other.{host}-{dead}.abcd1234.partial"])
+    assert err.count("onepoch: warning: removed") == 2 and "left by an earlier prepare that was killed" in err
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_jpeg_prepare_leaves_nothing_after_the_next_prepare(tmp_path):
+    """The real thing: `prepare folder --layout jpeg` is killed while its staging directory fills; the next
+    prepare removes it and publishes the dataset."""
+    from test_encoded import encode, photo
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        for i in range(150):
+            (tmp_path / "src" / f"k{c}").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "src" / f"k{c}" / f"{i}.png").write_bytes(encode(photo(rng, 160, 160), "PNG"))
+    out = tmp_path / "data" / "pets"
+    cmd = [sys.executable, "-m", "onepoch", "prepare", "folder", "--source", str(tmp_path / "src"), "--out", str(out),
+           "--layout", "jpeg"]
+    env = {**os.environ, "ONEPOCH_PROGRESS": "0"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(out.parent.glob(".pets.*.partial/train/encoded.bin")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1]
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(out.parent.glob(".pets.*.partial")) and not out.exists()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "removed" in done.stderr and not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    assert (out / "dataset.json").exists()

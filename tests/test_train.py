@@ -265,3 +265,20 @@ def test_schedule_epochs_follow_torchs_cosine_annealing_over_the_longer_span(tmp
     train(whole, progress_bar=False)
     last = json.loads((whole.run_dir / "metrics.jsonl").read_text().splitlines()[-1])["lr"]
     assert last == pytest.approx(0.3 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
+
+
+def test_a_misspelt_recipe_gets_the_suggestion_not_every_recipe():
+    """Issue 29: after the good suggestion, the message listed all the shipped recipes (50 names)."""
+    with pytest.raises(ConfigError) as info:
+        load_config("emp_ssl/cifar10_1epok")
+    assert str(info.value) == ("recipe 'emp_ssl/cifar10_1epok' not found: not a file, nor a shipped recipe "
+                               "(did you mean 'emp_ssl/cifar10_1epoch'?)")
+    with pytest.raises(ConfigError) as info:                 # nothing close: the recipes of that method
+        load_config("swav/nothing_like_it")
+    assert str(info.value) == ("recipe 'swav/nothing_like_it' not found: not a file, nor a shipped recipe; the "
+                               "shipped swav recipes: swav/cifar10, swav/cifar100, swav/cifar100_cpu, "
+                               "swav/cifar10_cpu, swav/fashion_mnist_1epoch, swav/fashion_mnist_multicrop")
+    with pytest.raises(ConfigError) as info:                 # nothing at all: where to look
+        load_config("zzz")
+    assert str(info.value) == ("recipe 'zzz' not found: not a file, nor a shipped recipe; `onepoch recipes` "
+                               "lists the shipped ones")

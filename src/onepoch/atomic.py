@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -80,13 +82,55 @@ def fsync_tree(root: str | os.PathLike) -> None:
         fsync_dir(dirpath)
 
 
+def _owner() -> str:
+    """``HOST-PID``: who made a staging or set-aside directory (in its name), so that a later run can
+    tell one left by a killed process from one a live process is still filling."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_staging(final: str | os.PathLike) -> list[Path]:
+    """Delete the staging directories (``.NAME.HOST-PID.XXXX.partial``) and set-aside old versions
+    (``.NAME.old-HOST-PID``) that a killed process left beside ``final``: those made on this host by a
+    process that no longer runs. A live process's, another host's, or one of unknown owner is kept.
+    Returns the paths removed."""
+    final = Path(final)
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(?:old-)?(?P<host>.+)-(?P<pid>\d+)(?:\.\w+\.partial)?$")
+    removed = []
+    try:
+        entries = list(final.parent.iterdir())
+    except OSError:
+        return removed
+    host = socket.gethostname()
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if (not match or not entry.is_dir() or entry.is_symlink() or match["host"] != host
+                or _alive(int(match["pid"]))):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def staging_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``final``; the caller fills it and publishes it with
-    :func:`publish_dir`. On an exception the staging directory is deleted and ``final`` is untouched."""
+    :func:`publish_dir`. On an exception the staging directory is deleted and ``final`` is untouched.
+    Its name holds this host and process (``.NAME.HOST-PID.XXXX.partial``): the staging directory of a
+    killed run is removed by the next (:func:`remove_stale_staging`)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    remove_stale_staging(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_owner()}.", suffix=".partial", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the published directory should not be
     try:
         yield tmp
@@ -105,7 +149,7 @@ def publish_dir(staged: str | os.PathLike, final: str | os.PathLike) -> None:
     fsync_tree(staged)
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        old = final.with_name(f".{final.name}.old-{_owner()}")
         os.replace(final, old)
     os.replace(staged, final)
     fsync_dir(final.parent)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from onepoch import __version__
 from onepoch.config import parse_override, suggest
-from onepoch.errors import ConfigError, DataError, OnepochError, one_line
+from onepoch.errors import ConfigError, DataError, OnepochError, one_line, warn
 
 # The other onepoch modules are imported by the command that needs them, not here: most of them import
 # torch, and `onepoch --help` (or a mistyped command) should answer without loading it.
@@ -30,6 +30,7 @@ EXIT_INTERRUPTED = 130
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from onepoch.atomic import remove_stale_staging
     from onepoch.data.prepared import check_out_dir, write_prepared
     from onepoch.data.sources import SOURCE_NAMES, locate_source
 
@@ -39,6 +40,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     # Refuse a non-dataset --out before spending time on the source.
     check_out_dir(out, args.name, None, force=True)
+    for stale in remove_stale_staging(out):
+        warn(f"removed {stale}, left by an earlier prepare that was killed")
     start = time.perf_counter()
     plan = locate_source(args.name, args.source, size=args.size, test_source=args.test_source,
                          test_fraction=args.test_fraction, grayscale=args.grayscale, seed=args.seed,
@@ -135,8 +138,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(config, resume=True if args.resume else None)
     if not result.main:
         return 0  # rank 0 reports and evaluates
-    print(f"trained to step {result.steps} in {result.seconds:.1f} s ({result.patches_per_s:,.0f} patches/s); "
-          f"final loss {result.final_loss:.4f}; run directory {result.run_dir}")
+    if result.already_trained:
+        print(f"run {result.run_dir} is already trained to step {result.steps} (nothing to do); "
+              f"final loss {result.final_loss:.4f}")
+    else:
+        print(f"trained to step {result.steps} in {result.seconds:.1f} s ({result.patches_per_s:,.0f} patches/s); "
+              f"final loss {result.final_loss:.4f}; run directory {result.run_dir}")
     if result.online_probe_test_acc is not None:
         print(f"online linear probe: {100 * result.online_probe_test_acc:.2f} % on the test split (one view per image)")
     if args.eval:

@@ -134,6 +134,16 @@ def safetensors_metadata(info: dict[str, Any]) -> dict[str, str]:
     return meta
 
 
+def _normalisation_hint(info: dict[str, Any]) -> str:
+    """What a bare state_dict export cannot say: how the inputs were normalised in training."""
+    norm = info.get("normalization")
+    if not norm:
+        return ("the .pth file does not keep the input normalisation, and it is unknown here (the run's dataset "
+                "cannot be opened): normalise inputs as its training views were")
+    return (f"the .pth file does not keep the input normalisation: feed images on the 0..1 scale normalised with "
+            f"mean {norm['mean']} and std {norm['std']} (per channel)")
+
+
 def export_backbone(run: str | os.PathLike, fmt: str, out: str | os.PathLike, *, force: bool = False) -> dict[str, Any]:
     """Write the backbone of ``run`` (a run directory or a checkpoint) to ``out`` in format ``fmt``
     (one of :data:`FORMATS`); return its description with ``path``, ``tensors`` and ``how_to_load``.
@@ -164,7 +174,7 @@ def export_backbone(run: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
         build = (f"torchvision.models.{info['arch']}()" if fmt == "torchvision"
                  else f"timm.create_model({info['arch']!r}, pretrained=False)")
         how = (f"in Python: model = {build}; model.load_state_dict(torch.load({str(out)!r}, weights_only=True), "
-               f"strict=False)  # missing: fc.weight, fc.bias (the classifier)")
+               f"strict=False)  # missing: fc.weight, fc.bias (the classifier)\n{_normalisation_hint(info)}")
     return {**info, "path": out, "format": fmt, "tensors": len(weights), "stem": info["kwargs"]["stem"],
             "how_to_load": how}
 

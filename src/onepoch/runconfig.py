@@ -276,11 +276,23 @@ def resolve_recipe(recipe: str | Path) -> Path:
     if path.exists():
         return path
     known = sorted(str(p.relative_to(RECIPES_DIR).with_suffix("")) for p in RECIPES_DIR.rglob("*.yaml"))
-    raise ConfigError(f"recipe {str(recipe)!r} not found: not a file, nor a shipped recipe"
-                      f"{suggest(str(recipe), known)} (shipped: {', '.join(known)})")
+    missing = f"recipe {str(recipe)!r} not found: not a file, nor a shipped recipe"
+    close = suggest(str(recipe), known)
+    if close:  # the suggestion alone: a list of every recipe after it would bury it
+        raise ConfigError(f"{missing}{close}")
+    folder = str(recipe).split("/")[0]
+    same = [k for k in known if k.startswith(f"{folder}/")]
+    if same:
+        raise ConfigError(f"{missing}; the shipped {folder} recipes: {', '.join(same)}")
+    raise ConfigError(f"{missing}; `onepoch recipes` lists the shipped ones")
 
 
-def read_recipe(recipe: str | Path) -> dict[str, Any]:
+ABOUT_KEY = "about"  # a recipe's description (hardware, what it reproduces, measured or not): not config
+
+
+def read_recipe(recipe: str | Path, *, with_about: bool = False) -> dict[str, Any]:
+    """The mapping a recipe file holds, without its ``about`` entry (which describes the recipe: see
+    :mod:`onepoch.recipes`) unless ``with_about``."""
     path = resolve_recipe(recipe)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -292,6 +304,8 @@ def read_recipe(recipe: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    if not with_about:
+        data.pop(ABOUT_KEY, None)
     return data
 
 

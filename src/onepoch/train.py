@@ -131,6 +131,7 @@ class TrainResult:
     model: nn.Module
     online_probe_test_acc: float | None = None  # at the end of training, one view per test image
     main: bool = True         # rank 0 (the process that wrote the files)
+    already_trained: bool = False  # resumed with no step left to run: nothing was trained or written
 
 
 RESUME_MODES = ("off", "on", "auto")
@@ -584,7 +585,8 @@ def train(config: RunConfig, *, resume: bool | str | None = None, progress_bar: 
                    disable=not (progress_bar and world.main))
     stream = steps_with_views(_steps(run.loader, step, end_step), run.specs, config.seed, view_steps,
                               run.channels_last, world, run.device, config.data.decode_threads)
-    with open(metrics_path, "a", encoding="utf-8") if world.main else _no_file() as metrics_file, tracker:
+    # closed however the loop ends: an error is then printed on a line of its own, not drawn over
+    with bar, open(metrics_path, "a", encoding="utf-8") if world.main else _no_file() as metrics_file, tracker:
         log = _StepLog(metrics_file, bar, tracker, patches_per_step=run.patches_per_step,
                        checkpoints=run_dir / "checkpoints")
         while step < end_step:
@@ -614,18 +616,32 @@ def train(config: RunConfig, *, resume: bool | str | None = None, progress_bar: 
                 log.flush()  # before a checkpoint: a non-finite step stops the run before it is saved
             if save and world.main:
                 save_checkpoint(run_dir, _snapshot(run, step), tc.keep_checkpoints)
-    bar.close()
     seconds = time.perf_counter() - start
     done = step - first_step
-    online_acc = None
+    online_acc, final_loss = None, log.last_loss
+    already = resuming and done == 0  # a resumed run that had nothing left to do: report what it holds
+    if already and world.main:
+        rows = read_metrics(run_dir) if metrics_path.exists() else []
+        final_loss = float(rows[-1]["loss"]) if rows and rows[-1].get("step") == step else final_loss
     if run.probe is not None and step == run.total_steps:
-        online_acc = dist_.broadcast_object(_online_probe_report(run, step) if world.main else None)
+        stored = dist_.broadcast_object(_stored_probe_accuracy(run_dir, step) if already and world.main else None)
+        online_acc = stored if stored is not None else \
+            dist_.broadcast_object(_online_probe_report(run, step) if world.main else None)
     if done == 0 and world.main and latest_checkpoint(run_dir) is None:
         save_checkpoint(run_dir, _snapshot(run, step), tc.keep_checkpoints)
     return TrainResult(run_dir=run_dir, steps=step, seconds=seconds,
                        patches_per_s=done * run.patches_per_step / seconds if seconds > 0 and done else 0.0,
-                       final_loss=log.last_loss, model=run.model, online_probe_test_acc=online_acc,
-                       main=world.main)
+                       final_loss=final_loss, model=run.model, online_probe_test_acc=online_acc,
+                       main=world.main, already_trained=already)
+
+
+def _stored_probe_accuracy(run_dir: Path, step: int) -> float | None:
+    """The online probe's test accuracy that ``online_probe.json`` holds for ``step`` (None: none)."""
+    try:
+        stored = json.loads((run_dir / "online_probe.json").read_text(encoding="utf-8"))
+        return float(stored["test_acc"]) if stored.get("step") == step else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 class _no_file:
