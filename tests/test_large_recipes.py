@@ -101,7 +101,7 @@ def test_new_recipes_load_with_their_sources(capsys):
         assert config.data.train_split == "train+unlabeled" and config.train.online_probe is False
         assert config.view_specs[0].size == 96
     assert main(["recipes"]) == 0
-    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
+    listed = {line.split("`")[1] for line in capsys.readouterr().out.splitlines() if line.startswith("| `")}
     assert set(RECIPES) <= listed
 
 

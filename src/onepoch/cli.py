@@ -243,12 +243,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from onepoch.api import recipes
+    from onepoch.recipe_table import markdown_table
 
-    entries = recipes()
-    width = max(len(name) for name in entries)
-    for name, summary in entries.items():
-        print(f"{name:<{width}}  {summary}")
+    print(markdown_table(), end="")
     return 0
 
 
@@ -409,9 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out (and its file list) if it exists")
     p.set_defaults(func=cmd_embed)
 
-    p = sub.add_parser("recipes", help="list the shipped recipes, one line each",
-                       description="List the recipes shipped with onepoch (onepoch train NAME, onepoch compare "
-                       "compare/NAME), each with the first line of its description.")
+    p = sub.add_parser("recipes", help="the table of shipped recipes: method, dataset, hardware, what each "
+                       "reproduces, measured or not", description="Print the table of the recipes shipped with "
+                       "onepoch (onepoch train NAME, onepoch compare compare/NAME) as Markdown, read from each "
+                       "recipe's `about` entry: its method, dataset, the hardware it is sized for, what it "
+                       "reproduces (a paper's row or our choice) and whether it was measured (the result and "
+                       "the command that measured it). The README holds the same table.")
     p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("demo", help="EMP-SSL for one epoch on Fashion-MNIST (CPU), evaluated against baselines",
