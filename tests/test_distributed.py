@@ -190,3 +190,39 @@ def test_ranks_with_different_configs_stop_before_writing(tmp_path, blobs100):
         assert err.strip().splitlines()[-1] == ("onepoch: error: the processes were given different configs: "
                                                 "rank 1 differs from rank 0 in optim.lr (0.3 -> 0.5)")
     assert not (tmp_path / "mixed").exists()
+
+
+def test_stop_leaves_the_process_group_before_the_process_exits(tmp_path):
+    """Issue 29 (the torchrun abort): a group never destroyed is torn down by the C++ registry's static
+    destructor at exit, racing gloo's threads. stop() destroys it (after a barrier) and may be called
+    again; here on a 1-process gloo group."""
+    import torch.distributed as dist
+
+    from onepoch.distributed import stop
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    stop()
+    assert not dist.is_initialized()
+    stop()                                                            # nothing joined: a no-op
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_onepoch_train_leaves_the_process_group_however_training_ends(tmp_path, blobs100, monkeypatch, fails):
+    """`onepoch train` calls stop() once training returns (with a barrier) or raises (without one:
+    another rank may be gone)."""
+    import onepoch.distributed
+    import onepoch.train
+    from onepoch.cli import main
+
+    calls = []
+    monkeypatch.setattr(onepoch.distributed, "stop", lambda wait=True: calls.append(wait))
+    if fails:
+        def broken(*args, **kwargs):
+            raise onepoch.train.TrainingError("broken")
+
+        monkeypatch.setattr(onepoch.train, "train", broken)
+    recipe, heads = recipe_of("emp_ssl")
+    code = main(["train", recipe, *BASE, *heads, f"data.root={blobs100}", f"train.out={tmp_path}",
+                 "train.max_steps=1"])
+    assert (code, calls) == ((2, [False]) if fails else (0, [True]))

@@ -130,12 +130,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.recipe, args.overrides)  # a bad config stops before any process starts
     if args.nproc != 1:
         return _launch(args, config)
-    from onepoch.distributed import launched_world
+    from onepoch.distributed import launched_world, stop
 
     if launched_world().main:
         print(f"run {config.run_dir}: {config.method['name']} on {config.data.root}, {config.model.arch} "
               f"(width {config.model.width}, {config.model.stem} stem), {config.train.epochs} epoch(s)")
-    result = train(config, resume=True if args.resume else None)
+    try:
+        result = train(config, resume=True if args.resume else None)
+    except BaseException:
+        stop(wait=False)  # another rank may be gone: no barrier
+        raise
+    stop()  # every rank leaves the process group here, not at interpreter exit
     if not result.main:
         return 0  # rank 0 reports and evaluates
     if result.already_trained:

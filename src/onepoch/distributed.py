@@ -74,8 +74,19 @@ def start(world: World, backend: str, device_type: str) -> None:
                             world_size=size)
 
 
-def stop() -> None:
-    if dist.is_available() and dist.is_initialized():
+def stop(*, wait: bool = True) -> None:
+    """Leave the process group, if one was joined: with ``wait``, after a barrier (no rank still sends
+    or receives), then ``destroy_process_group``. A process started by torchrun must call it before it
+    exits (``onepoch train`` does): a group left to the end of the process is torn down by the C++
+    registry's static destructor while gloo's threads still run, which aborted a rank now and then with
+    ``terminate called without an active exception`` (SIGABRT). ``wait=False`` on an error, when
+    another rank may be gone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
 
 

@@ -12,6 +12,7 @@ view randomness and schedule as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -585,8 +586,10 @@ def train(config: RunConfig, *, resume: bool | str | None = None, progress_bar: 
                    disable=not (progress_bar and world.main))
     stream = steps_with_views(_steps(run.loader, step, end_step), run.specs, config.seed, view_steps,
                               run.channels_last, world, run.device, config.data.decode_threads)
-    # closed however the loop ends: an error is then printed on a line of its own, not drawn over
-    with bar, open(metrics_path, "a", encoding="utf-8") if world.main else _no_file() as metrics_file, tracker:
+    # closed however the loop ends: the bar (an error is then printed on a line of its own, not drawn over)
+    # and the view stream (its decode threads end here, before the process group is left)
+    with bar, contextlib.closing(stream), \
+            open(metrics_path, "a", encoding="utf-8") if world.main else _no_file() as metrics_file, tracker:
         log = _StepLog(metrics_file, bar, tracker, patches_per_step=run.patches_per_step,
                        checkpoints=run_dir / "checkpoints")
         while step < end_step:
