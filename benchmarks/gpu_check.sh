@@ -152,7 +152,8 @@ fi
 # --- (a) tests ------------------------------------------------------------------------------------
 if $PY -c "import pytest" 2>/dev/null; then
   if [ -n "$TESTS_CUDA" ]; then
-    limited 150 "$WORK/tests_cuda.log" $PY -m pytest -q -p no:cacheprovider -rs $TESTS_CUDA
+    # 300 s: tests/test_cuda_paths.py adds a train.compile run (inductor's first compile) and 4 short runs
+    limited 300 "$WORK/tests_cuda.log" $PY -m pytest -q -p no:cacheprovider -rs $TESTS_CUDA
     summary "(a) CUDA-only tests: exit $? -- $(grep -E 'passed|failed|error' "$WORK/tests_cuda.log" | tail -1)"
   fi
   limited 150 "$WORK/tests.log" $PY -m pytest -q -p no:cacheprovider $TESTS
