@@ -697,6 +697,10 @@ CONFIG_CASES = {
     "0 images per batch": (["data.batch_size=0"], r"data\.batch_size must be >= 1, got 0"),
     "one patch for EMP-SSL": (["views.count=1"], r"emp_ssl compares views of the same image and needs at least 2 "
                               r"views per image; the views section gives 1 \(views\.count=1\)"),
+    "a device onepoch does not train on": (["train.device=mps"], r"train\.device 'mps' is not a device onepoch "
+                                           r"trains on \(use auto, cpu, cuda or cuda:N\)"),
+    "one image per step": (["data.batch_size=1"], r"data\.batch_size 1 gives 1 image per process and step; "
+                           r"BatchNorm and the losses need at least 2"),
     "batch larger than the dataset": (["data.batch_size=65"],
                                       r"data\.batch_size 65 is larger than the train split \(64 images\)"),
 }

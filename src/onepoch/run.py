@@ -46,8 +46,13 @@ def pick_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"train.device {name!r} is not a device (use auto, cpu, cuda, cuda:1)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device {name!r} is not a device onepoch trains on (use auto, cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device asks for cuda, but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"numbered from 0")
     return device
 
 

@@ -409,6 +409,9 @@ def _check_batch(config: RunConfig, split, world) -> int:
     if batch > split.num_images:
         raise ConfigError(f"data.batch_size {batch} is larger than the {config.data.train_split} "
                           f"split ({split.num_images} images); use a smaller batch")
+    if batch // world.size < 2:  # BatchNorm of one row fails in training; contrastive losses need negatives
+        raise ConfigError(f"data.batch_size {batch} gives {batch // world.size} image per process and step; "
+                          f"BatchNorm and the losses need at least 2: use data.batch_size={2 * world.size} or more")
     return batch // world.size
 
 
