@@ -648,6 +648,27 @@ def _flip_test_image_byte(root: Path) -> str:
     return r"test/images\.npy: checksum does not match meta\.json"
 
 
+def _no_checksum(root: Path) -> str:
+    meta = json.loads((root / "train" / "meta.json").read_text())
+    del meta["sha256"]
+    (root / "train" / "meta.json").write_text(json.dumps(meta))
+    return r"train/meta\.json records no sha256 of images\.npy \(prepare it again\)"
+
+
+def _label_out_of_range(root: Path) -> str:
+    """A test label past the classes, with meta.json's checksum updated to match (a bad writer, not a
+    damaged disk)."""
+    from onepoch.data.checksum import array_sha256
+
+    labels = np.load(root / "test" / "labels.npy")
+    labels[3] = 7
+    np.save(root / "test" / "labels.npy", labels)
+    meta = json.loads((root / "test" / "meta.json").read_text())
+    meta["sha256"]["labels"] = array_sha256(labels)
+    (root / "test" / "meta.json").write_text(json.dumps(meta))
+    return r"test/labels\.npy: label 7 \(image 3\) is outside the 4 classes \[0, 3\]"
+
+
 def _cut_images(root: Path) -> str:
     path = root / "train" / "images.npy"
     path.write_bytes(path.read_bytes()[:-500])
@@ -665,9 +686,10 @@ def _no_dataset_json(root: Path) -> str:
 
 
 @pytest.mark.parametrize("damage", [_flip_last_image_byte, _flip_test_image_byte, _cut_images, _float_labels,
-                                    _no_dataset_json],
+                                    _no_dataset_json, _no_checksum, _label_out_of_range],
                          ids=["checksum mismatch", "test split checksum mismatch", "truncated images.npy",
-                              "float labels.npy", "no dataset.json"])
+                              "float labels.npy", "no dataset.json", "no checksum in meta.json",
+                              "a test label past the classes"])
 def test_damaged_prepared_dataset_stops_training_before_the_run_starts(tmp_path, capsys, damage):
     root = make_blobs(tmp_path / "blobs")
     pattern = damage(root)
@@ -697,6 +719,7 @@ CONFIG_CASES = {
     "0 images per batch": (["data.batch_size=0"], r"data\.batch_size must be >= 1, got 0"),
     "one patch for EMP-SSL": (["views.count=1"], r"emp_ssl compares views of the same image and needs at least 2 "
                               r"views per image; the views section gives 1 \(views\.count=1\)"),
+    "a negative seed": (["seed=-1"], r"seed must be >= 0, got -1"),
     "a device onepoch does not train on": (["train.device=mps"], r"train\.device 'mps' is not a device onepoch "
                                            r"trains on \(use auto, cpu, cuda or cuda:N\)"),
     "one image per step": (["data.batch_size=1"], r"data\.batch_size 1 gives 1 image per process and step; "
@@ -800,6 +823,27 @@ def test_bad_resume_is_one_line_and_the_run_directory_survives(tmp_path, base, c
     assert_one_line_error(code, err, pattern)
     assert tree_bytes(run) == before
     assert not (tmp_path / "pwned").exists()
+
+
+def test_eval_on_a_dataset_of_other_channels_names_the_tensor_that_does_not_fit(tmp_path, base, capsys):
+    """A run trained on 1-channel images evaluated on an RGB dataset: the message used to end at
+    'Error(s) in loading state_dict for EmpSSL:'; it now names the first tensor and both shapes."""
+    from onepoch.data.prepared import SourceData, SplitArrays, write_prepared
+
+    blobs, run = base
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        return SplitArrays(rng.integers(0, 255, (n, 12, 12, 3)).astype(np.uint8), rng.integers(0, 4, n))
+
+    rgb = write_prepared(SourceData("rgb", {"train": split(16), "test": split(8)}, list("abcd"), "generated", {}),
+                         tmp_path / "rgb")
+    before = tree_bytes(run)
+    code, _, err = cli(capsys, "eval", run, f"data.root={rgb}", "--probe", "knn")
+    assert_one_line_error(code, err, r"step_0000003\.pt does not fit this model: size mismatch for "
+                          r"backbone\.conv1\.weight: copying a param with shape torch\.Size\(\[\d+, 1, 3, 3\]\) "
+                          r"from checkpoint, the shape in current model is torch\.Size\(\[\d+, 3, 3, 3\]\)")
+    assert tree_bytes(run) == before
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

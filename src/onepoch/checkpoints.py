@@ -86,7 +86,15 @@ def load_model_state(model: nn.Module, state: dict[str, Any], path: str | os.Pat
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise ConfigError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"checkpoint {path} does not fit this model: {_first_problem(e)}") from None
+
+
+def _first_problem(e: RuntimeError) -> str:
+    """The first mismatch of load_state_dict's message (its first line is only 'Error(s) in loading
+    state_dict for X:')."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0] if lines else type(e).__name__
+    return detail.rstrip(".")
 
 
 def load_newest_checkpoint(run_dir: str | os.PathLike, map_location: str | torch.device = "cpu", *,

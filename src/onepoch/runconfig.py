@@ -340,6 +340,8 @@ def build_config(data: dict[str, Any]) -> RunConfig:
     for key, kind in (("name", str), ("seed", int)):
         if key in data:
             values[key] = _coerce(data[key], kind, key)
+    if values.get("seed", 0) < 0:  # numpy's and torch's generators take no negative seed
+        raise ConfigError(f"seed must be >= 0, got {values['seed']}")
     if "name" in values and (not values["name"] or "/" in values["name"] or values["name"] in (".", "..")):
         raise ConfigError(f"name must be a plain directory name, got {values['name']!r}")
     for key, cls in SECTIONS.items():

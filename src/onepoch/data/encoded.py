@@ -397,7 +397,10 @@ def write_encoded_split(directory: Path, source: EncodedSource, num_classes: int
 def verify_encoded_split(directory: Path, meta: dict[str, Any]) -> None:
     """Re-hash an encoded split's files against ``meta`` (DataError naming the file that changed)."""
 
-    expected = meta["sha256"]
+    expected = meta.get("sha256")
+    for key in ("encoded", "offsets", "sizes", "labels"):
+        if not isinstance(expected, dict) or key not in expected:
+            raise DataError(f"{directory / 'meta.json'} records no sha256 of {key} (prepare it again)")
     full = check_stamp(directory / "encoded.bin", meta.get("stamps", {}).get("encoded.bin"))
     if full and sha256_file(directory / "encoded.bin") != expected["encoded"]:
         raise DataError(f"{directory / 'encoded.bin'}: checksum does not match meta.json "

@@ -64,7 +64,7 @@ class SourceData:
     max_side: int | None = None  # encoded splits: longer side cap (larger images are encoded again)
     quality: int = 95  # encoded splits: JPEG quality of the images encoded again
     # splits whose labels mean nothing (e.g. STL-10's train+unlabeled, all 0): their meta.json says
-    # "labelled": false, and training on one refuses the online probe
+    # "labelled": false; training on one leaves the online probe off (refuses it when asked for explicitly)
     unlabeled_splits: tuple[str, ...] = ()
 
 
@@ -309,6 +309,17 @@ class PreparedSplit:
         return PreparedSplit(self.root, self.split, images, self.labels[:count], self.meta)
 
 
+def check_labels(path: Path, labels: np.ndarray, meta: dict[str, Any]) -> None:
+    """Every label of a labelled split lies in [0, num_classes) (one pass over the labels: cheap)."""
+    if meta.get("labelled") is False or not len(labels):
+        return
+    classes = int(meta.get("num_classes", len(meta.get("class_names", []))))
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if bad.size:
+        raise DataError(f"{path}: label {int(labels[bad[0]])} (image {int(bad[0])}) is outside the {classes} classes "
+                        f"[0, {classes - 1}] (prepare it again)")
+
+
 def open_split(
     root: str | os.PathLike, split: str = "train", *, mmap: bool = True, verify: bool = False,
     image_size: int | None = None,
@@ -339,9 +350,12 @@ def open_split(
         )
     if labels.dtype != np.int64 or labels.shape != (expected[0],):
         raise DataError(f"{d / 'labels.npy'}: expected int64 ({expected[0]},), found {labels.dtype} {labels.shape}")
+    check_labels(d / "labels.npy", labels, meta)
     if verify:
         stamps = meta.get("stamps", {})
         for key, arr in (("images", images), ("labels", labels)):
+            if not isinstance(meta.get("sha256"), dict) or key not in meta["sha256"]:
+                raise DataError(f"{d / 'meta.json'} records no sha256 of {key}.npy (prepare it again)")
             full = check_stamp(d / f"{key}.npy", stamps.get(f"{key}.npy"))
             if full and array_sha256(arr) != meta["sha256"][key]:
                 raise DataError(
@@ -365,4 +379,5 @@ def _open_encoded(root: Path, split: str, meta: dict[str, Any], *, verify: bool,
     if len(images) != int(meta["num_images"]) or labels.dtype != np.int64 or labels.shape != (len(images),):
         raise DataError(f"{d}: expected {meta['num_images']} images and int64 labels, found {len(images)} "
                         f"images and {labels.dtype} labels {labels.shape} (prepare it again)")
+    check_labels(d / "labels.npy", labels, meta)
     return PreparedSplit(root, split, images, labels, meta)
