@@ -158,7 +158,7 @@ def embed_images(run: str | os.PathLike, data: str | os.PathLike, out: str | os.
             raise ConfigError(f"--size must be a positive integer, got {size!r}")
         paths = list_unlabelled_folder(data)
         root = data.expanduser().resolve()  # as list_unlabelled_folder resolves it
-        names = [readable_name(p.relative_to(root).as_posix()) for p in paths]
+        names = [readable_name(p.relative_to(root).as_posix()).replace("\n", "\\n") for p in paths]  # one per line
         batches = _folder_batches(root, paths, size, channels == 1, batch_size)
     parts = []
     with progress(total=len(names), desc=f"embed {data.name}", unit="img") as bar:

@@ -10,6 +10,10 @@ Rules for a folder source:
 - each image is converted to RGB (or "L" with ``grayscale``), resized with Pillow's antialiased
   bicubic filter so that its shorter side is ``size``, then center-cropped to ``size`` x ``size``.
 
+An unlabelled folder (``onepoch prepare folder --unlabelled``, :func:`list_unlabelled_folder`) is any tree of
+images, no class folders needed: every PNG/JPEG at any depth (the same rules for other files and names starting
+with '.'), in one split, ``train``, whose meta.json says ``"labelled": false``.
+
 With the JPEG-at-rest layout (:func:`read_image_folder_encoded`, ``onepoch prepare folder --layout
 jpeg``) the images are not decoded here: each split is an
 :class:`onepoch.data.encoded.EncodedSource` of the files, kept byte for byte or re-encoded as the
