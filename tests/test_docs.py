@@ -17,7 +17,7 @@ def test_readme_recipe_table_is_the_generated_one():
     copy = readme_copy(README.read_text(encoding="utf-8"))
     assert copy is not None, "README.md lacks the recipe table markers"
     assert copy == markdown_table(), ("README.md's recipe table differs from the recipes' `about` entries: "
-                                      "regenerate it with onepoch.recipe_table.with_table")
+                                      "regenerate it with python -m onepoch.recipe_table README.md")
 
 
 def test_every_recipe_says_what_it_is_and_the_loader_drops_it():

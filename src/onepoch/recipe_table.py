@@ -108,3 +108,12 @@ def with_table(text: str) -> str:
     if start < 0 or end < start:
         raise ValueError("the recipe table markers are missing")
     return text[:start + len(BEGIN)] + "\n" + markdown_table() + text[end:]
+
+
+if __name__ == "__main__":  # python -m onepoch.recipe_table README.md: rewrite the README's copy of the table
+    import sys
+
+    for name in sys.argv[1:] or ["README.md"]:
+        path = Path(name)
+        path.write_text(with_table(path.read_text(encoding="utf-8")), encoding="utf-8")
+        print(f"{path}: recipe table rewritten")
