@@ -72,8 +72,9 @@ def test_two_processes_train_what_one_process_trains(tmp_path, blobs100):
     After that float32 rounding differs (other reduction orders) and the network amplifies it; so the
     losses of steps 2-3 and the weights after 3 steps must agree to 1e-5 and 1e-4 (relative), or to 3x
     what a second 1-process run that only rounds differently (2 threads, NCHW layout) differs by; so
-    must BatchNorm's running statistics, which every evaluation uses. Measured here: weights within 4e-7..9e-5 (the noise run: 1e-5..1e-3); a missing gather or an
-    unsynchronised BatchNorm is off by 1e-2 or more."""
+    must BatchNorm's running statistics, which every evaluation uses. Measured here: weights within
+    4e-7..9e-5 (the noise run: 1e-5..1e-3); a missing gather or an unsynchronised BatchNorm is off by
+    1e-2 or more."""
     jobs = []
     for name in METHODS:
         recipe, extra = recipe_of(name)

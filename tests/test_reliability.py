@@ -359,8 +359,8 @@ def test_a_blown_up_run_is_stopped_by_the_guard_and_keeps_only_finite_checkpoint
     blobs, _ = base
     code, _, err = cli(capsys, "train", recipe, *extra, f"data.root={blobs}", f"train.out={tmp_path}", "name=t",
                        "optim.lr=1e9", "train.epochs=3", "train.checkpoint_every=1", "train.keep_checkpoints=10")
-    assert_one_line_error(code, err, r"(non-finite \(or overflowing\) weights or buffers after|linear algebra failed at|loss is (nan|inf) "
-                          r"at|non-finite gradient at) step \d+ .*lower optim\.lr.*the last good checkpoint is kept|"
+    assert_one_line_error(code, err, r"(non-finite \(or overflowing\) weights or buffers after|linear algebra "
+                          r"failed at|loss is (nan|inf) at|non-finite gradient at) step \d+ .*lower optim\.lr.*the last good checkpoint is kept|"
                           r"loss is (nan|inf) at step \d+")
     named = int(re.search(r"step (\d+)", err).group(1))
     logged = [json.loads(line)["step"] for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
@@ -388,7 +388,8 @@ def test_non_finite_loss_stops_naming_the_step_and_the_part(tmp_path, base, caps
 
     monkeypatch.setattr(emp, "emp_ssl_loss", flaky)
     code, _, err = cli(capsys, *run_args(blobs, tmp_path, "t"))
-    assert_one_line_error(code, err, rf"loss is {value} at step 5 \(invariance=.*tcr={value}\); the last good checkpoint")
+    assert_one_line_error(code, err, rf"loss is {value} at step 5 \(invariance=.*tcr={value}\); the last good "
+                          r"checkpoint")
     _checkpoint_kept_at_step_3(tmp_path / "t")
 
 
@@ -812,7 +813,8 @@ def _only_checkpoint_cut(tmp_path: Path, run: Path, blobs: Path) -> str:
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("make", [_other_config, _other_architecture, _code_in_checkpoint, _only_checkpoint_cut],
-                         ids=["another config", "another architecture", "pickled code", "the only checkpoint truncated"])
+                         ids=["another config", "another architecture", "pickled code",
+                              "the only checkpoint truncated"])
 def test_bad_resume_is_one_line_and_the_run_directory_survives(tmp_path, base, capsys, make):
     blobs, _ = base
     run = fresh_run(blobs, tmp_path / "runs")

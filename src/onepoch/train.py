@@ -272,8 +272,9 @@ class _StepLog:
 
     ``flush()`` fetches every pending value with one :func:`fetch_to_host`, stops the run at the
     first step whose loss, gradient or resulting weights and buffers are not finite (naming the step as
-    ``metrics.jsonl`` numbers it, the loss parts and the tensors), then writes one ``metrics.jsonl`` line per step (``patches_per_s`` is the mean over
-    the flushed steps) and updates the progress bar."""
+    ``metrics.jsonl`` numbers it, the loss parts and the tensors; the good steps before it are written),
+    then writes one ``metrics.jsonl`` line per step (``patches_per_s`` is the mean over the flushed
+    steps) and updates the progress bar."""
 
     def __init__(self, file, bar, tracker, *, patches_per_step: int, checkpoints: Path):
         self.file, self.bar = file, bar  # file: None on ranks other than 0
@@ -305,8 +306,8 @@ class _StepLog:
         states = row[n + 1 + len(record.grad_names):]
         bad = [name for name, ok in zip(record.state_names, states) if ok < 1]
         if bad:
-            return (f"non-finite (or overflowing) weights or buffers after step {number} (its loss and gradients are finite: "
-                    f"{_parts_text(loss_parts)}; the numbers overflowed, lower optim.lr) in {len(bad)} tensor(s): "
+            return (f"non-finite (or overflowing) weights or buffers after step {number} (its loss and gradients "
+                    f"are finite: {_parts_text(loss_parts)}; the numbers overflowed, lower optim.lr) in {len(bad)} tensor(s): "
                     f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}; {kept}")
         return None
 
