@@ -315,7 +315,8 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
        validation accuracy recorded after each epoch count in ``epochs``.
     3. Choose the best validation accuracy (ties: fewer epochs, then larger weight decay).
     4. Train a fresh probe on the whole training set (mean/std from all of it) with the chosen
-       setting; predict ``test_x`` and score against ``test_y`` -- both read only here.
+       setting, from a generator seeded afresh with ``seed`` (the final probe does not depend on the
+       other settings of the grid); predict ``test_x`` and score against ``test_y`` -- both read only here.
 
     Rows are shuffled (seeded) once as they are copied into the one float32, standardised copy of
     ``train_x`` on ``device`` (default ``train_x.device``); minibatches are contiguous blocks of it,
@@ -355,7 +356,9 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     best = min(grid, key=lambda g: (-g["val_acc"], g["epochs"], -g["weight_decay"]))
     chosen = {"weight_decay": best["weight_decay"], "epochs": best["epochs"], "lr": lr}
 
-    # final: all rows reshuffled into the same buffer, statistics from all of them
+    # final: all rows reshuffled into the same buffer, statistics from all of them; a generator of its own,
+    # so the final probe is the same whatever else the grid held
+    gen = torch.Generator().manual_seed(int(seed))
     order = torch.randperm(train_x.shape[0], generator=gen)
     mean, std = _standardised_copy(train_x, order, train_x.shape[0], x)
     y = y_cpu[order].to(dev)
