@@ -42,6 +42,7 @@ from torch import nn
 
 from onepoch.atomic import atomic_write_text
 from onepoch.errors import ConfigError
+from onepoch.feature_cache import FeatureCache, checkpoint_identity, split_identity
 from onepoch.paper_probes import PAPER_KNN, PAPER_LINEAR, paper_knn_probe, paper_linear_probe
 from onepoch.probes import knn_probe, linear_probe, mlp_probe
 from onepoch.progress import progress
@@ -109,7 +110,7 @@ def _chunked(fn, x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([fn(part).float() for part in x.split(max(1, rows))])
 
 
-@torch.no_grad()
+@torch.no_grad()  # not inference_mode: the probes train on these features with autograd
 def embed_split(model: nn.Module, images, kind: str, *, spec, batch_size: int, device: torch.device,
                 seed: int, amp: bool = False, channels_last: bool = False, progress_desc: str = "",
                 layer: str = "auto", max_patches: int = 8192) -> torch.Tensor:
@@ -181,11 +182,13 @@ def embed_split(model: nn.Module, images, kind: str, *, spec, batch_size: int, d
 
 def evaluate_model(model: nn.Module, config: RunConfig, *, device: torch.device, train_split, test_split,
                    spec, features: tuple[str, ...] | None = None, include_raw_pixels: bool = False,
-                   log=print) -> dict[str, Any]:
+                   log=print, cache: FeatureCache | None = None) -> dict[str, Any]:
     """Embed the train and test splits for each feature kind and run the configured probes.
 
     Returns ``{"<feature>": {"dim": d, "embed_seconds": s, "linear": {...}, "knn": {...}}}``; with
-    ``include_raw_pixels`` also ``"raw_pixels"`` (the linear probe on the flattened pixels).
+    ``include_raw_pixels`` also ``"raw_pixels"`` (the linear probe on the flattened pixels). With a
+    ``cache`` (bound to this model's checkpoint), features computed before for the same checkpoint, dataset
+    and settings are read from it instead of embedded again, and new ones are stored in it.
     """
     ec = config.eval
     amp = use_amp(config.train.amp, device)
@@ -248,12 +251,21 @@ def evaluate_model(model: nn.Module, config: RunConfig, *, device: torch.device,
     for kind in kinds:
         t0 = time.perf_counter()
         spec_k = spec if kind != "bag" else _with_count(spec, ec.bag_patches)
-        ftr = embed_split(model, train_split.images, kind, spec=spec_k, batch_size=ec.batch_size, device=device,
-                          seed=ec.seed, amp=amp, channels_last=channels_last, progress_desc=f"embed train ({kind})",
-                          layer=ec.layer, max_patches=ec.max_patches)
-        fte = embed_split(model, test_split.images, kind, spec=spec_k, batch_size=ec.batch_size, device=device,
-                          seed=ec.seed + 1, amp=amp, channels_last=channels_last, progress_desc=f"embed test ({kind})",
-                          layer=ec.layer, max_patches=ec.max_patches)
+
+        def embed(split, seed: int, what: str, kind=kind, spec_k=spec_k) -> torch.Tensor:
+            def compute() -> torch.Tensor:
+                return embed_split(model, split.images, kind, spec=spec_k, batch_size=ec.batch_size, device=device,
+                                   seed=seed, amp=amp, channels_last=channels_last,
+                                   progress_desc=f"embed {what} ({kind})", layer=ec.layer, max_patches=ec.max_patches)
+            if cache is None:
+                return compute()
+            description = {"data": split_identity(split), "kind": kind, "layer": ec.layer, "views": spec_k.to_dict(),
+                           "seed": seed, "batch_size": ec.batch_size, "amp": amp, "channels_last": channels_last,
+                           "device": device.type}
+            return cache.features(description, compute, device)
+
+        ftr = embed(train_split, ec.seed, "train")
+        fte = embed(test_split, ec.seed + 1, "test")
         embed_s = time.perf_counter() - t0
         results[kind] = run_probes(kind, ftr, fte, ec.probes if ec.protocol != "paper" else ())
         if kind == "bag" and ec.protocol != "onepoch":
@@ -284,8 +296,9 @@ def evaluate_run(run_dir: str | os.PathLike, *, overrides: dict[str, Any] | None
     model = run.model.to(device)
     spec = view_spec_for(config, train_split.mean, train_split.std)
     log(f"evaluating {run_dir} at step {step} on {device}")
+    cache = FeatureCache(run_dir / "features", checkpoint_identity(ckpt, step))
     results = evaluate_model(model, config, device=device, train_split=train_split, test_split=test_split, spec=spec,
-                             log=log)
+                             log=log, cache=cache)
     report = {"run": str(run_dir), "checkpoint": ckpt.name, "step": step,
               "eval_config": asdict(config.eval), "test_images": test_split.num_images,
               "results": merge_results(_earlier_results(run_dir / "eval.json", ckpt.name, step), results)}
