@@ -71,3 +71,48 @@ def test_a_second_demo_goes_into_a_new_run_directory(tmp_path):
     assert main(args) == 0
     assert (tmp_path / "runs" / "fashion_mnist_demo" / "demo.json").exists()
     assert (tmp_path / "runs" / "fashion_mnist_demo-2" / "demo.json").exists()
+    report = json.loads((tmp_path / "runs" / "fashion_mnist_demo-2" / "demo.json").read_text())
+    # the time of each part: training, each network's embedding and probe, raw pixels, the figures
+    assert list(report["timings"]) == ["training", "EMP-SSL embed map2x2", "EMP-SSL map2x2 knn",
+                                       "random init embed map2x2", "random init map2x2 knn", "raw pixels linear",
+                                       "figures"]
+    assert all(seconds >= 0 for seconds in report["timings"].values())
+    assert report["timings"]["training"] == report["train_seconds"]
+
+
+def test_part_timings_lists_every_embedding_and_probe():
+    from onepoch.demo import part_timings
+
+    trained = {"grid": {"dim": 8, "linear": {"seconds": 2.0}, "knn": {"seconds": 0.5}, "embed_seconds": 7.0},
+               "map2x2": {"dim": 4, "linear": {"seconds": 1.0}, "embed_seconds": 3.0}}
+    random_init = {"grid": {"dim": 8, "linear": {"seconds": 2.5}, "embed_seconds": 6.0}}
+    timings = part_timings(60.0, {"EMP-SSL": trained, "random init": random_init}, {"linear": {"seconds": 4.0}}, 1.5)
+    assert timings == {"training": 60.0, "EMP-SSL embed grid": 7.0, "EMP-SSL grid linear": 2.0,
+                       "EMP-SSL grid knn": 0.5, "EMP-SSL embed map2x2": 3.0, "EMP-SSL map2x2 linear": 1.0,
+                       "random init embed grid": 6.0, "random init grid linear": 2.5, "raw pixels linear": 4.0,
+                       "figures": 1.5}
+
+
+@pytest.mark.slow
+def test_demo_reports_each_part_and_keeps_its_features(tmp_path, monkeypatch):
+    """The demo's flow on the generated blobs (Fashion-MNIST's preparation stubbed): demo.json's timings name
+    every part, and a later evaluation of the run reads the demo's features instead of embedding again."""
+    from test_train import TINY, make_blobs
+
+    from onepoch import demo
+    from onepoch import eval as evaluation
+
+    root = make_blobs(tmp_path / "blobs")
+    monkeypatch.setattr(demo, "ensure_fashion_mnist", lambda data_root, **_: data_root)
+    lines = []
+    report = demo.run_demo(data_root=root, out=tmp_path / "runs", log=lines.append,
+                           overrides=[*TINY, "eval.features=[map2x2]", "eval.probes=[knn]"])
+    assert list(report["timings"]) == ["training", "EMP-SSL embed map2x2", "EMP-SSL map2x2 knn",
+                                       "random init embed map2x2", "random init map2x2 knn", "raw pixels linear",
+                                       "figures"]
+    assert lines[-2].strip().startswith("seconds: training ") and "EMP-SSL embed map2x2" in lines[-2]
+    run_dir = Path(report["run"])
+    assert len(list((run_dir / "features").glob("*.npy"))) == 2  # the trained network's train and test features
+    monkeypatch.setattr(evaluation, "embed_split", lambda *a, **k: pytest.fail("embedded again"))
+    again = evaluation.evaluate_run(run_dir, log=lambda *_: None)
+    assert again["evaluated"]["map2x2"]["knn"]["test_acc"] == report["emp_ssl"]["map2x2"]["knn"]["test_acc"]
