@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_probes import one_thread  # noqa: F401  (autouse fixture)
 from test_train import blobs, tiny_config  # noqa: F401  (fixture)
 from torch import nn
 
@@ -20,14 +21,6 @@ from onepoch.eval import embed_split, evaluate_model
 from onepoch.probes import knn_probe, linear_probe, mlp_probe, stratified_split
 from onepoch.runconfig import EvalConfig
 from onepoch.views import PRESETS, ViewSpec
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def one_signal(n_train: int = 120, n_test: int = 400, dim: int = 60, seed: int = 0):
@@ -61,12 +54,16 @@ def test_linear_probe_chooses_the_best_validation_setting():
     assert r.val_acc == 25 / 30
 
 
-def test_linear_probe_ties_go_to_fewer_epochs_then_larger_decay():
-    # separable blobs: every setting scores 1.0 on validation
+def separable(n: int = 150, classes: int = 3, dim: int = 6):
+    """Blobs far apart: every probe setting scores 1.0 on validation, so the choice is the tie-break's."""
     g = torch.Generator().manual_seed(0)
-    centres = torch.randn(3, 6, generator=g) * 8
-    y = torch.arange(150) % 3
-    x = centres[y] + torch.randn(150, 6, generator=g)
+    centres = torch.randn(classes, dim, generator=g) * 8
+    y = torch.arange(n) % classes
+    return centres[y] + torch.randn(n, dim, generator=g), y
+
+
+def test_linear_probe_ties_go_to_fewer_epochs_then_larger_decay():
+    x, y = separable()
     r = linear_probe(x, y, x[:30], y[:30], weight_decays=(1e-4, 0.0, 1e-3), epochs=(4, 2), batch_size=32)
     assert {g["val_acc"] for g in r.grid} == {1.0}
     assert r.chosen == {"weight_decay": 1e-3, "epochs": 2, "lr": 1e-3}
@@ -121,10 +118,7 @@ def test_mlp_probe_chooses_the_best_validation_setting():
 
 
 def test_knn_sweep_ties_go_to_the_smaller_k_then_the_larger_temperature():
-    g = torch.Generator().manual_seed(0)
-    centres = torch.randn(3, 6, generator=g) * 8
-    y = torch.arange(150) % 3
-    x = centres[y] + torch.randn(150, 6, generator=g)
+    x, y = separable()
     r = knn_probe(x, y, x[:30], y[:30], k=(5, 1, 3), temperature=(0.1, 0.5, 0.02))
     assert {g["val_acc"] for g in r.grid} == {1.0}
     assert r.chosen == {"k": 1, "temperature": 0.5}
