@@ -1,3 +1,4 @@
 from onepoch.cli import main
+from onepoch.distributed import exit_process
 
-raise SystemExit(main())
+exit_process(main())  # a torchrun worker ends with os._exit, skipping a racy C++ teardown
