@@ -24,12 +24,12 @@ import time
 
 import numpy as np
 import torch
-from train_step import Stepper, pipelined, smoke_overrides, synthetic_batches, sync_for
+from train_step import Stepper, pipelined, recipe_setup, synthetic_batches, sync_for
 
 from onepoch.eval import embed_split
 from onepoch.probes import knn_probe, linear_probe, mlp_probe
-from onepoch.run import pick_device, view_specs_for
-from onepoch.runconfig import EvalConfig, load_config
+from onepoch.run import view_specs_for
+from onepoch.runconfig import EvalConfig
 from onepoch.views import load_view_spec
 
 KINDS = ("bag", "full", "map2x2", "grid")
@@ -134,13 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the recipe")
     args = parser.parse_args(argv)
-    overrides = [*(smoke_overrides(args.recipe) if args.smoke else []), *args.overrides]
-    if args.smoke:
-        torch.set_num_threads(1)
-    config = load_config(args.recipe, overrides)
-    device = pick_device(args.device)
-    channels = 1 if "fashion" in config.data.root else 3
-    size = 28 if channels == 1 else 32
+    overrides, config, device, channels, size = recipe_setup(args)
     batch = 8 if args.smoke else config.data.batch_size
     n_images, n_rows, dim = (16, 300, 16) if args.smoke else (args.images, args.rows, args.dim)
     ec = config.eval

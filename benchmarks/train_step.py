@@ -50,6 +50,18 @@ def smoke_overrides(recipe: str) -> list[str]:
     return SMOKE + [f"method.{k}={v}" for k, v in SMOKE_HEADS.items() if k in keys]
 
 
+def recipe_setup(args) -> tuple[list[str], object, torch.device, int, int]:
+    """From a benchmark's ``--recipe``, ``--smoke``, ``--device``, overrides (and ``--size`` if it has one):
+    the overrides applied, the config, the device, the image channels and size (one thread under --smoke)."""
+    overrides = [*(smoke_overrides(args.recipe) if args.smoke else []), *args.overrides]
+    if args.smoke:
+        torch.set_num_threads(1)
+    config = load_config(args.recipe, overrides)
+    channels = 1 if "fashion" in config.data.root else 3
+    size = getattr(args, "size", None) or (28 if channels == 1 else 32)
+    return overrides, config, pick_device(args.device), channels, size
+
+
 def synthetic_batches(count: int, batch: int, size: int, channels: int, seed: int = 0) -> list[torch.Tensor]:
     rng = np.random.default_rng(seed)
     return [torch.from_numpy(rng.integers(0, 256, (batch, size, size, channels), dtype=np.uint8))
@@ -216,13 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE overrides of the recipe")
     args = parser.parse_args(argv)
-    overrides = [*(smoke_overrides(args.recipe) if args.smoke else []), *args.overrides]
-    if args.smoke:
-        torch.set_num_threads(1)
-    config = load_config(args.recipe, overrides)
-    device = pick_device(args.device)
-    channels = 1 if "fashion" in config.data.root else 3
-    size = args.size or (28 if channels == 1 else 32)
+    overrides, config, device, channels, size = recipe_setup(args)
     batch = args.batch or (8 if args.smoke else config.data.batch_size)
     steps, rounds = (2, 1) if args.smoke else (args.steps, args.rounds)
     view_steps = args.view_steps or (4 if device.type == "cuda" else 1)
