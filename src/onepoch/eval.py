@@ -54,6 +54,11 @@ from onepoch.views import apply_view_params, load_view_spec, sample_view_params
 __all__ = ["embed_split", "evaluate_model", "evaluate_run", "grid_patches", "knn_probe", "linear_probe", "mlp_probe"]
 
 
+# part of every cached feature's description (onepoch.feature_cache): raise it whenever what embed_split
+# computes changes, so that features of the earlier code are never served
+EMBEDDING_VERSION = 1
+
+
 def representation_layer(model: nn.Module, layer: str = "auto") -> str:
     """The layer ``bag`` and ``full`` features read: ``layer``, or for ``auto`` the layer a bag of
     features averages (``pre_feature`` when the method has one, else ``backbone``)."""
@@ -259,7 +264,8 @@ def evaluate_model(model: nn.Module, config: RunConfig, *, device: torch.device,
                                    progress_desc=f"embed {what} ({kind})", layer=ec.layer, max_patches=ec.max_patches)
             if cache is None:
                 return compute()
-            description = {"data": split_identity(split), "kind": kind, "layer": ec.layer, "views": spec_k.to_dict(),
+            description = {"embedding": EMBEDDING_VERSION, "torch": torch.__version__, "data": split_identity(split),
+                           "kind": kind, "layer": ec.layer, "views": spec_k.to_dict(),
                            "seed": seed, "batch_size": ec.batch_size, "amp": amp, "channels_last": channels_last,
                            "device": device.type}
             return cache.features(description, compute, device)
