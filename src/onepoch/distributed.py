@@ -198,9 +198,10 @@ def exit_process(code: int) -> None:
     Why: after a distributed run, the process's C++ teardown at exit (static destructors of torch's and
     gloo's objects, after Python has finished) now and then met a thread object still joinable and
     aborted the rank: ``terminate called without an active exception``, SIGABRT, torchrun reporting the
-    run failed after it had finished. Leaving the group first (:func:`stop`) did not prevent it (2 of 20
-    two-process launches still aborted); skipping that teardown does (0 of 60). A worker has nothing
-    left to do at that point: its files are written and closed, its pools shut down."""
+    run failed after it had finished. Leaving the group first (:func:`stop`) did not prevent it (2 of 60
+    two-process launches of a collectives-only worker still aborted); skipping that teardown does (0 of
+    60; docs/reliability.md). A worker has nothing left to do at that point: its files are written and
+    closed, its pools shut down."""
     if launched_world().size > 1:
         for stream in (sys.stdout, sys.stderr):
             try:
