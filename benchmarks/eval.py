@@ -28,7 +28,7 @@ from train_step import Stepper, pipelined, recipe_setup, synthetic_batches, sync
 
 from onepoch.eval import embed_split
 from onepoch.probes import knn_probe, linear_probe, mlp_probe
-from onepoch.run import view_specs_for
+from onepoch.run import eval_amp, eval_max_patches, view_specs_for
 from onepoch.runconfig import EvalConfig
 from onepoch.views import load_view_spec
 
@@ -36,12 +36,11 @@ KINDS = ("bag", "full", "map2x2", "grid")
 
 
 def embedding_rates(model, config, images: np.ndarray, device: torch.device, *, bag_patches: int,
-                    batch_size: int, max_patches: int) -> dict[str, dict[str, float]]:
+                    batch_size: int, max_patches: int, amp: bool) -> dict[str, dict[str, float]]:
     """Forward-only patches/s and images/s of every feature kind on ``images``."""
     channels = images.shape[-1]
     spec = view_specs_for(config, [0.5] * channels, [0.25] * channels)[0]
     sync = sync_for(device)
-    amp = device.type == "cuda"
     rates = {}
     for kind in KINDS:
         spec_k = load_view_spec(spec, {"count": bag_patches}) if kind == "bag" else spec
@@ -87,11 +86,14 @@ def probe_times(n_train: int, n_test: int, dim: int, classes: int, ec: EvalConfi
         "linear": lambda: linear_probe(xtr, ytr, xte, yte, val_fraction=ec.val_fraction, **linear_kw),
         "knn": lambda: knn_probe(xtr, ytr, xte, yte, k=ec.knn_k, temperature=ec.knn_temperature,
                                  val_fraction=ec.val_fraction),
+        # the same k-NN without the bfloat16 shortlist (float32 products throughout): the same predictions
+        "knn_float32": lambda: knn_probe(xtr, ytr, xte, yte, k=ec.knn_k, temperature=ec.knn_temperature,
+                                         val_fraction=ec.val_fraction, shortlist="off"),
         "mlp": lambda: mlp_probe(xtr, ytr, xte, yte, val_fraction=ec.val_fraction, **mlp_kw),
     }
     out = {}
     for name, fn in runs.items():
-        if name not in which:
+        if name.split("_")[0] not in which:
             continue
         t0 = time.perf_counter()
         r = fn()
@@ -145,8 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 1 if args.smoke else 3
     train_before = max(pipelined(stepper, steps, steps, 1)[0] for _ in range(rounds))
     images = synthetic_batches(1, n_images, size, channels, seed=1)[0].numpy()
-    rates = embedding_rates(stepper.model, config, images, device, bag_patches=ec.bag_patches,
-                            batch_size=min(ec.batch_size, n_images), max_patches=ec.max_patches)
+    common = dict(bag_patches=ec.bag_patches, batch_size=min(ec.batch_size, n_images))
+    # the evaluation's own settings (eval.amp, eval.max_patches), then float32 in pieces of 8192 patches: the
+    # settings every device used before eval.amp and the per-device piece size existed
+    amp, max_patches = eval_amp(config, device), eval_max_patches(config, device)
+    rates = embedding_rates(stepper.model, config, images, device, max_patches=max_patches, amp=amp, **common)
+    earlier = {"amp": device.type == "cuda", "max_patches": 8192}
+    rates_earlier = None
+    if (amp, max_patches) != (earlier["amp"], earlier["max_patches"]):
+        rates_earlier = embedding_rates(stepper.model, config, images, device, **earlier, **common)
     # training measured again after the embeddings: on a shared machine the load moves, and the faster of the
     # two is the reference (the ratio is then the lower of the two it could be)
     train_after = max(pipelined(stepper, steps, steps, 1)[0] for _ in range(rounds))
@@ -157,10 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.recipe} on {name}, torch {torch.__version__}")
     print(f"  training step (views, forward, backward, optimizer): {train_rate:>10,.0f} patches/s (reference; "
           f"{train_before:,.0f} before the embeddings, {train_after:,.0f} after)")
-    for kind, r in rates.items():
-        print(f"  embed {kind:<7} forward only: {r['patches_per_s']:>10,.0f} patches/s "
-              f"({r['images_per_s']:,.0f} images/s, {r['patches_per_image']} per image)  "
-              f"{r['patches_per_s'] / train_rate:.2f}x training")
+    for label, table in ((f"eval settings ({'bf16' if amp else 'float32'}, pieces of {max_patches})", rates),
+                         (f"earlier settings ({'bf16' if earlier['amp'] else 'float32'}, pieces of 8192)",
+                          rates_earlier)):
+        if table is None:
+            continue
+        print(f"  {label}:")
+        for kind, r in table.items():
+            print(f"    embed {kind:<7} forward only: {r['patches_per_s']:>10,.0f} patches/s "
+                  f"({r['images_per_s']:,.0f} images/s, {r['patches_per_image']} per image)  "
+                  f"{r['patches_per_s'] / train_rate:.2f}x training")
     print(f"  probes on {n_rows} x {dim} features, 10 classes:")
     for probe, r in probes.items():
         print(f"    {probe:<24} {r['seconds']:8.2f} s   test {100 * r['test_acc']:.2f} %")
@@ -170,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"recipe": args.recipe, "overrides": overrides, "device": name, "torch": torch.__version__,
                        "train_patches_per_s": train_rate, "train_patches_per_s_before_after": [train_before, train_after],
-                       "embedding": rates,
+                       "embedding": rates, "embedding_settings": {"amp": amp, "max_patches": max_patches},
+                       "embedding_earlier_settings": rates_earlier,
                        "embed_over_train": {k: r["patches_per_s"] / train_rate for k, r in rates.items()},
                        "probes": probes, "probe_rows": n_rows, "probe_dim": dim}, f, indent=2)
     return 0

@@ -19,7 +19,9 @@ from torch import nn
 from onepoch import probes
 from onepoch.eval import embed_split, evaluate_model
 from onepoch.probes import knn_probe, linear_probe, mlp_probe, stratified_split
-from onepoch.runconfig import EvalConfig
+from onepoch.errors import ConfigError
+from onepoch.run import eval_amp, eval_max_patches
+from onepoch.runconfig import EvalConfig, build_config
 from onepoch.views import PRESETS, ViewSpec
 
 
@@ -174,14 +176,56 @@ def test_grid_is_each_images_own_patches_in_grid_order():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (3, 12, 12, 1), generator=g, dtype=torch.uint8)
     spec = ViewSpec(count=1, size=6, crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0), mean=(0.0,), std=(1.0,))
-    grid = embed_split(MeanPool(), images.numpy(), "grid", spec=spec, batch_size=3, device=torch.device("cpu"),
-                       seed=0)
     # 6x6 crops at stride 3 over 12x12: rows and columns start at 0, 3, 6; the feature is each crop's mean
     x = images.float() / 255
     expected = torch.stack([torch.stack([x[i, r:r + 6, c:c + 6].mean() for r in (0, 3, 6) for c in (0, 3, 6)])
                             for i in range(3)])
-    assert grid.shape == (3, 9)
-    assert torch.allclose(grid, expected, atol=1e-5)
+    # one pass for the batch; one image's 9 patches per pass (max 9 or 17); and a cap below one image's 9
+    for max_patches, passes in ((8192, 1), (17, 3), (9, 3), (4, 3)):
+        model = MeanPool()
+        grid = embed_split(model, images.numpy(), "grid", spec=spec, batch_size=3, device=torch.device("cpu"),
+                           seed=0, max_patches=max_patches)
+        assert grid.shape == (3, 9)
+        assert torch.allclose(grid, expected, atol=1e-5), max_patches
+        assert model.patches == 27
+
+
+class CountingPasses(nn.Module):
+    """A backbone whose ``forward`` (each image's mean level) and ``forward_map`` (the image itself) record
+    the rows of every pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.passes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes.append(x.shape[0])
+        return x.float().mean((2, 3))
+
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        self.passes.append(x.shape[0])
+        return x.float()
+
+
+class CountingModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = CountingPasses()
+
+
+@pytest.mark.parametrize("kind", ["full", "map2x2"])
+def test_whole_image_features_pass_at_most_max_patches_images_at_once(kind):
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (10, 4, 4, 1), generator=g, dtype=torch.uint8).numpy()
+    spec = ViewSpec(count=1, size=4, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), mean=(0.0,), std=(1.0,))
+    results = []
+    for max_patches in (8192, 3):
+        model = CountingModel()
+        results.append(embed_split(model, images, kind, spec=spec, batch_size=7, device=torch.device("cpu"), seed=0,
+                                   max_patches=max_patches, layer="backbone"))
+        passes = model.backbone.passes
+        assert max(passes) == min(7, max_patches) and sum(passes) == 10
+    assert torch.equal(results[0], results[1])
 
 
 def test_evaluate_model_honours_bag_patches(tmp_path, blobs):  # noqa: F811
@@ -214,7 +258,32 @@ def test_evaluation_defaults_are_pinned():
     assert ec.val_fraction == 0.1
     assert ec.linear_weight_decays == (0.0, 1e-4, 1e-3, 1e-2) and ec.linear_epochs == (10, 30)
     assert (ec.mlp_hidden, ec.mlp_dropouts, ec.mlp_weight_decays, ec.mlp_epochs) == ((512,), (0.0, 0.5), (0.0,), (5, 10))
-    assert (ec.batch_size, ec.max_patches, ec.seed) == (500, 8192, 0)
+    assert (ec.batch_size, ec.max_patches, ec.seed, ec.amp) == (500, None, 0, "auto")
+
+
+@pytest.mark.parametrize("train_amp,eval_amp_setting,device,amx,want", [
+    ("auto", "auto", "cpu", True, True),     # a CPU with native bf16: embed in bf16
+    ("auto", "auto", "cpu", False, False),   # without it: float32
+    ("off", "auto", "cpu", True, False),     # training asked for float32: evaluation follows
+    ("bf16", "auto", "cpu", False, True),    # training in bf16: so is evaluation
+    ("auto", "auto", "cuda", False, True),   # CUDA trains in bf16 by default
+    ("off", "auto", "cuda", True, False),
+    ("auto", "off", "cpu", True, False),     # eval.amp decides when it is not auto
+    ("off", "bf16", "cpu", False, True),
+])
+def test_evaluation_precision(monkeypatch, train_amp, eval_amp_setting, device, amx, want):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    config = build_config({"train": {"amp": train_amp}, "eval": {"amp": eval_amp_setting}})
+    assert eval_amp(config, torch.device(device)) is want
+
+
+def test_evaluation_chunk_defaults_by_device():
+    assert eval_max_patches(build_config({}), torch.device("cpu")) == 1024
+    assert eval_max_patches(build_config({}), torch.device("cuda")) == 8192
+    assert eval_max_patches(build_config({"eval": {"max_patches": 77}}), torch.device("cpu")) == 77
+    with pytest.raises(ConfigError, match="eval.amp must be one of auto, bf16, off"):
+        build_config({"eval": {"amp": "fp16"}})
+    assert build_config({"eval": {"amp": False}}).eval.amp == "off"  # YAML's unquoted off
 
 
 EMP_SSL_COLOUR = {"flip_p": 0.5, "jitter_p": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.2,
@@ -235,3 +304,37 @@ def test_emp_ssl_presets_are_pinned_to_the_paper():
                                **{**EMP_SSL_COLOUR, "saturation": 0.0, "hue": 0.0, "grayscale_p": 0.0,
                                   "blur_sigma": (0.1, 1.0)})
     assert np.isclose(cifar.crop_scale[0] ** 0.5 * 32, 16)  # 16x16 crops of a 32x32 image
+
+
+# --------------------------------------------------------------------------------------------------
+# accuracy on fixed features, pinned to what the probes scored before they were made faster
+
+
+def fixed_gaussian_features(n_train: int = 6000, n_test: int = 2000, dim: int = 64, classes: int = 10):
+    """Overlapping Gaussian classes drawn from one seeded CPU generator: the same tensors on every run."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(classes, dim, generator=g) * (3.0 / dim ** 0.5)
+    ytr = torch.randint(0, classes, (n_train,), generator=g)
+    yte = torch.randint(0, classes, (n_test,), generator=g)
+    return (centres[ytr] + 1.2 * torch.randn(n_train, dim, generator=g), ytr,
+            centres[yte] + 1.2 * torch.randn(n_test, dim, generator=g), yte)
+
+
+# Test accuracies of the probes as they were before the faster evaluation (hand-written Adam for the linear
+# probe, float32 k-NN products), measured on fixed_gaussian_features() with the settings below.
+PINNED_BEFORE = {"linear": 0.7710, "knn": 0.7755, "mlp": 0.7355}
+
+
+@pytest.mark.parametrize("probe", sorted(PINNED_BEFORE))
+def test_probe_accuracy_on_fixed_features_is_within_0_3_points_of_before(probe):
+    xtr, ytr, xte, yte = fixed_gaussian_features()
+    ec = EvalConfig()
+    if probe == "linear":
+        r = linear_probe(xtr, ytr, xte, yte, weight_decays=ec.linear_weight_decays, epochs=ec.linear_epochs)
+    elif probe == "knn":
+        r = knn_probe(xtr, ytr, xte, yte, k=ec.knn_k, temperature=ec.knn_temperature)
+    else:
+        r = mlp_probe(xtr, ytr, xte, yte, hidden=(64,), dropouts=ec.mlp_dropouts, weight_decays=ec.mlp_weight_decays,
+                      epochs=ec.mlp_epochs)
+    assert r.test_acc >= PINNED_BEFORE[probe] - 0.003
+    assert r.test_acc <= PINNED_BEFORE[probe] + 0.02  # better is allowed; far better would need explaining

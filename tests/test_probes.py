@@ -386,15 +386,68 @@ def naive_knn(train_x, train_y, query_x, k, temperature):
     return torch.tensor(out)
 
 
+@pytest.mark.parametrize("shortlist", ["off", "bf16"])
 @pytest.mark.parametrize("k,temperature", [(1, 0.07), (5, 0.07), (20, 0.5), (1000, 0.1)])
-def test_knn_predict_matches_naive_loop(k, temperature):
+def test_knn_predict_matches_naive_loop(k, temperature, shortlist):
     g = torch.Generator().manual_seed(k)
     train_x, query_x = torch.randn(60, 8, generator=g), torch.randn(25, 8, generator=g)
     train_y = torch.randint(0, 5, (60,), generator=g)
-    pred = knn_predict(train_x, train_y, query_x, k=k, temperature=temperature, chunk=7)
+    pred = knn_predict(train_x, train_y, query_x, k=k, temperature=temperature, chunk=7, shortlist=shortlist)
     assert pred.dtype == torch.int64 and pred.shape == (25,)
     assert torch.equal(pred, naive_knn(train_x, train_y, query_x, min(k, 60), temperature))
     assert len(set(pred.tolist())) > 1
+
+
+def grouped_unit_rows(n: int, noise: float, seed: int, dim: int = 256) -> torch.Tensor:
+    """Unit rows in groups of 50 around 60 fixed centres (the same for every ``seed``; ``seed`` draws the
+    noise): near the top of a query's neighbours similarities differ by ~1e-3-1e-2, where a bfloat16
+    product (8 significant bits) already orders some neighbours differently from float32."""
+    centres = torch.randn(60, dim, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(seed)
+    x = centres.repeat_interleave(50, 0)[:n] + noise * torch.randn(n, dim, generator=g)
+    return x / x.norm(dim=1, keepdim=True)
+
+
+def test_bf16_shortlist_returns_the_float32_neighbours_and_similarities():
+    bank = grouped_unit_rows(3000, 0.3, seed=1)
+    queries = grouped_unit_rows(3000, 0.3, seed=2)[::10]
+    exclude = torch.arange(0, 3000, 7)
+    for excl in (None, exclude):
+        want_sim = queries @ bank.t()
+        if excl is not None:
+            want_sim[:, excl] = -math.inf
+        want_sim, want_idx = want_sim.topk(20, dim=1)
+        low_sim = queries.bfloat16() @ bank.bfloat16().t()
+        if excl is not None:
+            low_sim[:, excl] = -math.inf
+        assert not torch.equal(low_sim.float().topk(20, dim=1).indices, want_idx)  # bf16 alone would differ
+        sim, idx = probes._top_neighbours(queries, bank, bank.bfloat16(), 20, excl)
+        assert sim.dtype == torch.float32
+        # the same neighbours with the same float32 similarities (rows that tie to float32 rounding, ~1e-7,
+        # may come in either order: the re-scoring sums in another order than the full product)
+        assert torch.equal(idx.sort(1).values, want_idx.sort(1).values)
+        torch.testing.assert_close(sim, want_sim, rtol=0, atol=1e-6)
+        assert (idx == want_idx).float().mean() > 0.99
+
+
+def test_knn_probe_is_the_same_with_and_without_the_bf16_shortlist():
+    x, xte = grouped_unit_rows(3000, 1.0, seed=1), grouped_unit_rows(3000, 1.0, seed=2)[::6]
+    g = torch.Generator().manual_seed(3)
+    group_label = torch.randint(0, 7, (60,), generator=g)
+    y, yte = group_label.repeat_interleave(50), group_label.repeat_interleave(50)[::6]
+    y = torch.where(torch.rand(3000, generator=g) < 0.3, torch.randint(0, 7, (3000,), generator=g), y)
+    yte = torch.where(torch.rand(500, generator=g) < 0.3, torch.randint(0, 7, (500,), generator=g), yte)
+    off = knn_probe(x, y, xte, yte, k=(5, 20), temperature=(0.02, 0.2), shortlist="off")
+    low = knn_probe(x, y, xte, yte, k=(5, 20), temperature=(0.02, 0.2), shortlist="bf16")
+    assert 0.5 < off.test_acc < 1.0 and 0.5 < off.val_acc < 1.0
+    assert (low.test_acc, low.val_acc, low.chosen, low.grid) == (off.test_acc, off.val_acc, off.chosen, off.grid)
+    assert torch.equal(knn_predict(x, y, xte, shortlist="bf16"), knn_predict(x, y, xte, shortlist="off"))
+
+
+def test_knn_shortlist_must_be_known():
+    x, y = torch.randn(10, 3), torch.arange(10) % 2
+    with pytest.raises(ConfigError, match="shortlist must be auto, bf16 or off"):
+        knn_predict(x, y, x, shortlist="fp16")
 
 
 def test_knn_k_larger_than_train_set():

@@ -46,7 +46,7 @@ from onepoch.feature_cache import FeatureCache, checkpoint_identity, split_ident
 from onepoch.paper_probes import PAPER_KNN, PAPER_LINEAR, paper_knn_probe, paper_linear_probe
 from onepoch.probes import knn_probe, linear_probe, mlp_probe
 from onepoch.progress import progress
-from onepoch.run import load_trained, pick_device, use_amp, view_spec_for
+from onepoch.run import eval_amp, eval_max_patches, load_trained, pick_device, view_spec_for
 from onepoch.runconfig import RunConfig
 from onepoch.tracking import Tracker
 from onepoch.views import apply_view_params, load_view_spec, sample_view_params
@@ -56,7 +56,7 @@ __all__ = ["embed_split", "evaluate_model", "evaluate_run", "grid_patches", "knn
 
 # part of every cached feature's description (onepoch.feature_cache): raise it whenever what embed_split
 # computes changes, so that features of the earlier code are never served
-EMBEDDING_VERSION = 1
+EMBEDDING_VERSION = 2
 
 
 def representation_layer(model: nn.Module, layer: str = "auto") -> str:
@@ -75,6 +75,16 @@ def _normalise(images_u8: torch.Tensor, mean: list[float], std: list[float]) -> 
     return x.sub_(m).div_(s)
 
 
+def grid_starts(n: int, crop: int) -> list[int]:
+    """Where a grid's crops start along a side of ``n`` pixels: every ``max(1, crop // 2)`` pixels, the last
+    one aligned to the border (a crop larger than the side is cut to it)."""
+    crop = min(crop, n)
+    s = list(range(0, n - crop + 1, max(1, crop // 2)))
+    if s[-1] != n - crop:
+        s.append(n - crop)
+    return s
+
+
 def grid_patches(images_u8: torch.Tensor, crop: int, out_size: int, mean: list[float], std: list[float]
                  ) -> tuple[torch.Tensor, int]:
     """Patch-major (P·B, C, out, out) crops of size ``crop`` at stride ``max(1, crop // 2)`` covering
@@ -83,15 +93,7 @@ def grid_patches(images_u8: torch.Tensor, crop: int, out_size: int, mean: list[f
     x = _normalise(images_u8, mean, std)
     h, w = x.shape[-2:]
     crop = min(crop, h, w)
-    stride = max(1, crop // 2)
-
-    def starts(n: int) -> list[int]:
-        s = list(range(0, n - crop + 1, stride))
-        if s[-1] != n - crop:
-            s.append(n - crop)
-        return s
-
-    tiles = [x[:, :, i:i + crop, j:j + crop] for i in starts(h) for j in starts(w)]
+    tiles = [x[:, :, i:i + crop, j:j + crop] for i in grid_starts(h, crop) for j in grid_starts(w, crop)]
     p = torch.cat(tiles)
     if crop != out_size:
         p = F.interpolate(p, size=(out_size, out_size), mode="bilinear", antialias=crop > out_size,
@@ -125,10 +127,11 @@ def embed_split(model: nn.Module, images, kind: str, *, spec, batch_size: int, d
     ``channels_last``: feed the model NHWC-strided tensors (faster on CPU and CUDA when the model is
     channels_last too).
 
-    Memory is bounded whatever the bag size: at most ``max_patches`` patches (and ``batch_size``
-    images) go through the network at once; a bag's views are drawn for the whole image batch first,
-    so the features do not depend on the chunking. Views are rendered in float32 outside autocast;
-    ``amp`` puts only the network under bf16 autocast."""
+    Memory is bounded whatever the bag size: at most ``max_patches`` patches (or whole images, for
+    ``full`` and ``map2x2``) go through the network at once, and a grid's patches are cut for that many
+    at a time; a bag's views are drawn for the whole batch of ``batch_size`` images first, so the
+    features do not depend on the chunking. Views are rendered in float32 outside autocast; ``amp``
+    puts only the network under bf16 autocast."""
     model.eval()
     bag_layer = representation_layer(model, layer)
     full_layer = "backbone" if layer == "auto" else layer
@@ -164,6 +167,14 @@ def embed_split(model: nn.Module, images, kind: str, *, spec, batch_size: int, d
             fmap = model.backbone.forward_map(x.contiguous(memory_format=fmt))
         return F.adaptive_avg_pool2d(fmap.float(), 2).flatten(1)
 
+    grid_crop = min(crop, images.shape[1], images.shape[2])
+    grid_count = len(grid_starts(images.shape[1], grid_crop)) * len(grid_starts(images.shape[2], grid_crop))
+
+    def grid(x: torch.Tensor) -> torch.Tensor:
+        tiles, count = grid_patches(x, crop, spec.size, spec.mean, spec.std)
+        f = network("backbone")(tiles).float().view(count, x.shape[0], -1)
+        return f.permute(1, 0, 2).reshape(x.shape[0], -1)
+
     out = []
     n = images.shape[0]
     bar = progress(total=n, desc=progress_desc or f"embed {kind}", unit="img")
@@ -172,13 +183,11 @@ def embed_split(model: nn.Module, images, kind: str, *, spec, batch_size: int, d
         if kind == "bag":
             f = bag(batch)
         elif kind == "full":
-            f = network(full_layer)(_normalise(batch, spec.mean, spec.std)).float()
+            f = _chunked(lambda part: network(full_layer)(_normalise(part, spec.mean, spec.std)), batch, max_patches)
         elif kind == "map2x2":
-            f = map2x2(_normalise(batch, spec.mean, spec.std))
-        else:  # grid
-            tiles, count = grid_patches(batch, crop, spec.size, spec.mean, spec.std)
-            f = _chunked(network("backbone"), tiles, max_patches).view(count, batch.shape[0], -1)
-            f = f.permute(1, 0, 2).reshape(batch.shape[0], -1)
+            f = _chunked(lambda part: map2x2(_normalise(part, spec.mean, spec.std)), batch, max_patches)
+        else:  # grid: the patches of as many images as max_patches allows, cut and embedded together
+            f = _chunked(grid, batch, max(1, max_patches // grid_count))
         out.append(f.float())
         bar.update(batch.shape[0])
     bar.close()
@@ -196,7 +205,8 @@ def evaluate_model(model: nn.Module, config: RunConfig, *, device: torch.device,
     and settings are read from it instead of embedded again, and new ones are stored in it.
     """
     ec = config.eval
-    amp = use_amp(config.train.amp, device)
+    amp = eval_amp(config, device)
+    max_patches = eval_max_patches(config, device)
     channels_last = config.train.channels_last != "off"
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -261,7 +271,7 @@ def evaluate_model(model: nn.Module, config: RunConfig, *, device: torch.device,
             def compute() -> torch.Tensor:
                 return embed_split(model, split.images, kind, spec=spec_k, batch_size=ec.batch_size, device=device,
                                    seed=seed, amp=amp, channels_last=channels_last,
-                                   progress_desc=f"embed {what} ({kind})", layer=ec.layer, max_patches=ec.max_patches)
+                                   progress_desc=f"embed {what} ({kind})", layer=ec.layer, max_patches=max_patches)
             if cache is None:
                 return compute()
             description = {"embedding": EMBEDDING_VERSION, "torch": torch.__version__, "data": split_identity(split),

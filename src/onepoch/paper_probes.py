@@ -125,5 +125,6 @@ def paper_knn_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.
     similarity, the top ``k``, class scores ``sum exp(s_i / T)``, the highest score wins."""
     _check_probe_inputs(train_x, train_y, test_x, test_y)
     num_classes = _resolve_classes(train_y, num_classes)
-    pred = knn_predict(train_x, train_y, test_x, k=k, temperature=temperature, num_classes=num_classes)
+    pred = knn_predict(train_x, train_y, test_x, k=k, temperature=temperature, num_classes=num_classes,
+                       shortlist="off")  # float32 throughout, as the official code
     return accuracy(pred, test_y)

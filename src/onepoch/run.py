@@ -29,6 +29,7 @@ from onepoch.checkpoints import load_model_state, load_newest_checkpoint
 from onepoch.data.prepared import PreparedSplit, open_split
 from onepoch.errors import ConfigError
 from onepoch.models import build_backbone
+from onepoch.precision import native_bf16
 from onepoch.runconfig import RunConfig, apply_overrides, build_config
 from onepoch.views import ViewSpec, load_view_spec
 
@@ -63,6 +64,24 @@ def use_amp(setting: str, device: torch.device) -> bool:
     The precision policy: views and every augmentation in float32 outside autocast; autocast only
     around the network; losses in float32 (each loss function turns autocast off for its maths)."""
     return setting == "bf16" or (setting == "auto" and device.type == "cuda")
+
+
+def eval_amp(config: RunConfig, device: torch.device) -> bool:
+    """Whether evaluation embeds under bf16 autocast (``eval.amp``): ``bf16`` always, ``off`` never, ``auto``
+    when training's precision on ``device`` is bf16 (:func:`use_amp`), or when ``train.amp`` is ``auto`` and
+    ``device`` is a CPU that runs bf16 natively (:func:`onepoch.precision.native_bf16`)."""
+    setting = config.eval.amp
+    if setting != "auto":
+        return setting == "bf16"
+    return use_amp(config.train.amp, device) or (
+        config.train.amp == "auto" and device.type == "cpu" and native_bf16(device))
+
+
+def eval_max_patches(config: RunConfig, device: torch.device) -> int:
+    """``eval.max_patches``, or when it is unset 8192 on CUDA and 1024 elsewhere."""
+    if config.eval.max_patches is not None:
+        return config.eval.max_patches
+    return 8192 if device.type == "cuda" else 1024
 
 
 def build_model(config: RunConfig, in_chans: int) -> nn.Module:

@@ -172,8 +172,13 @@ class EvalConfig:
     mlp_dropouts: tuple[float, ...] = (0.0, 0.5)
     mlp_weight_decays: tuple[float, ...] = (0.0,)
     mlp_epochs: tuple[int, ...] = (5, 10)
-    batch_size: int = 500              # images per embedding batch
-    max_patches: int = 8192            # most patches through the network at once (bag, grid): bounds memory
+    batch_size: int = 500              # images per embedding batch (a bag draws its views per batch)
+    max_patches: int | None = None     # most patches (or images) through the network at once: bounds memory;
+                                       # None: 8192 on CUDA, 1024 on the CPU (cache-sized pieces ran 1.4-1.9x faster
+                                       # there, `python benchmarks/eval.py` compares the two)
+    amp: str | bool = "auto"           # the network's precision while embedding: bf16 autocast, off (float32), or
+                                       # auto: bf16 when training's precision is bf16, or when train.amp is auto and
+                                       # the CPU runs bf16 natively (AMX); docs/evaluation.md has what it changes
     seed: int = 0
     protocol: str = "onepoch"          # onepoch: the probes above, chosen on validation; paper: EMP-SSL's official
                                        # probes (onepoch.paper_probes) on the bag of bag_patches, reported only,
@@ -182,9 +187,13 @@ class EvalConfig:
     def __post_init__(self):
         if self.bag_patches < 1:
             raise ConfigError(f"eval.bag_patches must be >= 1, got {self.bag_patches}")
-        if self.batch_size < 1 or self.max_patches < 1:
+        if self.batch_size < 1 or (self.max_patches is not None and self.max_patches < 1):
             raise ConfigError(f"eval.batch_size and eval.max_patches must be >= 1, got {self.batch_size} and "
                               f"{self.max_patches}")
+        if self.amp is False:  # YAML reads an unquoted off as false
+            self.amp = "off"
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ConfigError(f"eval.amp must be one of auto, bf16, off, got {self.amp!r}")
         for key in ("knn_k", "knn_temperature"):
             values = getattr(self, key)
             if isinstance(values, tuple) and not values:
