@@ -106,13 +106,16 @@ def test_demo_reports_each_part_and_keeps_its_features(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "ensure_fashion_mnist", lambda data_root, **_: data_root)
     lines = []
     report = demo.run_demo(data_root=root, out=tmp_path / "runs", log=lines.append,
-                           overrides=[*TINY, "eval.features=[map2x2]", "eval.probes=[knn]"])
+                           overrides=[*TINY, "eval.features=[map2x2,full]", "eval.probes=[knn]"])
+    # the random-init baseline is evaluated on the first feature only
     assert list(report["timings"]) == ["training", "EMP-SSL embed map2x2", "EMP-SSL map2x2 knn",
+                                       "EMP-SSL embed full", "EMP-SSL full knn",
                                        "random init embed map2x2", "random init map2x2 knn", "raw pixels linear",
                                        "figures"]
+    assert set(report["random_init"]) == {"map2x2"} and set(report["emp_ssl"]) == {"map2x2", "full"}
     assert lines[-2].strip().startswith("seconds: training ") and "EMP-SSL embed map2x2" in lines[-2]
     run_dir = Path(report["run"])
-    assert len(list((run_dir / "features").glob("*.npy"))) == 2  # the trained network's train and test features
+    assert len(list((run_dir / "features").glob("*.npy"))) == 4  # the trained network's train and test features
     monkeypatch.setattr(evaluation, "embed_split", lambda *a, **k: pytest.fail("embedded again"))
     again = evaluation.evaluate_run(run_dir, log=lambda *_: None)
     assert again["evaluated"]["map2x2"]["knn"]["test_acc"] == report["emp_ssl"]["map2x2"]["knn"]["test_acc"]

@@ -240,7 +240,7 @@ class _Heads:
     @torch.no_grad()
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """One Adam step of every head on the minibatch ``(x, y)``. The gradient is written out rather than
-        taken by autograd (1.5x faster here, measured on the demo's features, with the same choices and
+        taken by autograd (which was slower in a trial on the demo's features, with the same choices and
         accuracies): for the mean cross-entropy ``dL/dlogits = (softmax(logits) - onehot(y)) / B``, so
         ``dL/dW = dL/dlogits^T x + weight_decay * W`` and ``dL/db = sum_rows dL/dlogits``."""
         b = x.shape[0]
