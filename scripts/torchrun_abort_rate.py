@@ -38,7 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_train import make_blobs  # noqa: E402  (the generated dataset the tests train on)
 
 # The uninterrupted run of tests/test_distributed.py::test_a_killed_rank_is_restarted_and_the_run_resumes
 TRAIN = ["emp_ssl/fashion_mnist_demo", "model.arch=resnet10", "model.width=0.125", "views.size=8", "views.count=4",
@@ -61,25 +62,6 @@ distributed.stop()
 EXITS = {"os_exit": "distributed.exit_process(0)", "teardown": "raise SystemExit(0)"}
 ERROR = re.compile(r"(onepoch: error|[\w.]*(Error|Exception)\b)")  # a rank's last word
 FAILURE = re.compile(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+)")
-
-
-def make_blobs(root: Path, n_train: int = 100, n_test: int = 20, size: int = 12, seed: int = 0) -> Path:
-    """The generated dataset of tests/test_train.py: class c is a bright square at one of 4 places."""
-    from onepoch.data import SourceData, SplitArrays, write_prepared
-
-    rng = np.random.default_rng(seed)
-
-    def split(n):
-        labels = rng.integers(0, 4, n)
-        images = rng.integers(0, 60, (n, size, size, 1)).astype(np.uint8)
-        for i, c in enumerate(labels):
-            y, x = divmod(int(c), 2)
-            images[i, y * 6:y * 6 + 6, x * 6:x * 6 + 6] = 220
-        return SplitArrays(images, labels)
-
-    data = SourceData("blobs", {"train": split(n_train), "test": split(n_test)}, ["a", "b", "c", "d"],
-                      "generated", {"name": "blobs", "seed": seed})
-    return write_prepared(data, root)
 
 
 def verdict(returncode: int, stderr: str) -> str | None:
@@ -117,7 +99,7 @@ def main() -> int:
         else:
             (tmp / "old_main.py").write_text(OLD_MAIN)
             worker = ["-m", "onepoch"] if args.exit_path == "os_exit" else [str(tmp / "old_main.py")]
-            command = [*torchrun, *worker, "train", *TRAIN, f"data.root={make_blobs(tmp / 'blobs')}",
+            command = [*torchrun, *worker, "train", *TRAIN, f"data.root={make_blobs(tmp / 'blobs', n_train=100, n_test=20)}",
                        f"train.out={tmp / 'runs'}", "name=run"]
         for i in range(1, args.launches + 1):
             proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
