@@ -364,87 +364,118 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 # MLP probe
 
 
-class _MLP(nn.Module):
-    """``Linear -> BatchNorm1d -> ReLU -> Dropout -> Linear``, with explicit generators for randomness.
+class _MLPs(nn.Module):
+    """``S`` independent MLPs of one hidden width side by side, setting ``s`` being
+    ``Linear(D, h, bias=False) -> BatchNorm1d(h) -> ReLU -> Dropout(dropouts[s]) -> Linear(h, C)``: one batched matrix
+    product per layer serves them all, and a BatchNorm over the ``S * h`` stacked units is each model's own
+    BatchNorm (its statistics are per unit).
 
-    The linear layers start as PyTorch's default (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` for weights and
-    biases), drawn on the CPU from ``init_gen`` so the start is the same on every device; dropout masks
-    come from the generator passed to :meth:`forward`.
+    The first linear layer has no bias: the BatchNorm after it subtracts the batch mean, so such a bias changes
+    nothing in training and its gradient is only rounding noise, which Adam would turn into steps of about
+    ``lr`` (that noise depends on the order of the sums, so a model trained beside others would drift from the
+    same model trained alone). Every model starts from the same weights, PyTorch's default for a linear layer
+    (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` for weights and biases) drawn on the CPU from ``init_gen``, so the
+    start is the same on every device and whatever the other settings are; each model's dropout masks come
+    from its own generator, passed to :meth:`forward`.
     """
 
-    def __init__(self, dim: int, hidden: int, num_classes: int, dropout: float, init_gen: torch.Generator):
+    def __init__(self, dim: int, hidden: int, num_classes: int, dropouts: Sequence[float],
+                 init_gen: torch.Generator):
         super().__init__()
 
         def uniform(*shape: int, fan_in: int) -> nn.Parameter:
             bound = 1.0 / math.sqrt(fan_in)
-            return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound, generator=init_gen))
+            one = torch.empty(*shape).uniform_(-bound, bound, generator=init_gen)
+            return nn.Parameter(one.expand(len(dropouts), *shape).clone())
 
-        self.w1, self.b1 = uniform(hidden, dim, fan_in=dim), uniform(hidden, fan_in=dim)
-        self.bn = nn.BatchNorm1d(hidden)
+        self.w1 = uniform(hidden, dim, fan_in=dim)
+        uniform(hidden, fan_in=dim)  # the bias it would have: drawn, unused, so the draws after it stay the same
+        self.bn = nn.BatchNorm1d(len(dropouts) * hidden)
         self.w2, self.b2 = uniform(num_classes, hidden, fan_in=hidden), uniform(num_classes, fan_in=hidden)
-        self.dropout = dropout
+        self.dropouts = list(dropouts)
 
-    def forward(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        h = torch.relu(self.bn(F.linear(x, self.w1, self.b1)))
-        if self.training and self.dropout > 0:
-            keep = torch.rand(h.shape, generator=gen, device=h.device) >= self.dropout
-            h = h * keep.to(h.dtype).div_(1.0 - self.dropout)
-        return F.linear(h, self.w2, self.b2)
+    def forward(self, x: torch.Tensor, gens: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
+        """``(S, B, C)`` logits of every model for the rows ``x`` ``(B, D)``."""
+        s, b = len(self.dropouts), x.shape[0]
+        h = torch.bmm(x.expand(s, *x.shape), self.w1.transpose(1, 2))  # (S, B, h)
+        h = torch.relu(self.bn(h.transpose(0, 1).reshape(b, -1))).view(b, s, -1).transpose(0, 1)
+        if self.training and any(p > 0 for p in self.dropouts):
+            keep = torch.ones_like(h)
+            for i, p in enumerate(self.dropouts):
+                if p > 0:
+                    draw = torch.rand(h.shape[1:], generator=gens[i], device=h.device) >= p
+                    keep[i] = draw.to(h.dtype).div_(1.0 - p)
+            h = h * keep
+        return torch.baddbmm(self.b2[:, None, :], h, self.w2.transpose(1, 2))
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None,
                 device: torch.device | None = None) -> torch.Tensor:
-        """Argmax class of every row of ``x`` (standardised here with ``mean``/``std`` when given)."""
+        """``(S, N)`` argmax class of every model for every row of ``x`` (standardised here with ``mean``/``std``
+        when given); a single model's ``(N,)`` when ``S`` is 1."""
         was_training = self.training
         self.eval()
         dev = device if device is not None else x.device
         preds = []
-        for s in range(0, x.shape[0], _CHUNK):
-            c = x[s:s + _CHUNK].to(dev, torch.float32)
+        for start in range(0, x.shape[0], _CHUNK):
+            c = x[start:start + _CHUNK].to(dev, torch.float32)
             if mean is not None:
                 c = (c - mean) / std
-            preds.append(self(c).argmax(1))
+            preds.append(self(c).argmax(-1))
         self.train(was_training)
-        return torch.cat(preds)
+        out = torch.cat(preds, dim=1)
+        return out[0] if out.shape[0] == 1 else out
 
 
-def _train_mlp(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, hidden: int, dropout: float,
-               weight_decay: float, epochs: int, lr: float, batch_size: int, seed: int,
-               checkpoints: Sequence[int] = (), on_checkpoint=None, bar=None) -> _MLP:
-    """Train an :class:`_MLP` on all rows of ``x`` for ``epochs`` epochs with Adam at a constant ``lr``;
-    ``on_checkpoint(epoch, model)`` after each epoch in ``checkpoints``; ``bar.update(1)`` per step.
+def _train_mlps(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, hidden: int,
+                settings: Sequence[tuple[float, float]], epochs: int, lr: float, batch_size: int, seed: int,
+                checkpoints: Sequence[int] = (), on_checkpoint=None, bar=None) -> _MLPs:
+    """Train one :class:`_MLPs` model per ``(dropout, weight_decay)`` of ``settings`` on all rows of ``x`` for
+    ``epochs`` epochs with ``torch.optim.Adam`` at a constant ``lr``; ``on_checkpoint(epoch, models)`` after each
+    epoch in ``checkpoints``; ``bar.update(1)`` per step.
 
-    Loss ``mean CE + weight_decay / 2 * (||W1||^2 + ||W2||^2)`` (biases and BatchNorm not decayed).
-    Each epoch visits the rows in a fresh order; a last minibatch of a single row is skipped
-    (BatchNorm needs two). Initial weights and row orders come from one CPU generator, dropout masks
-    from one on ``x.device``, both seeded with ``seed``: with a constant learning rate the model at
-    epoch ``e`` is exactly that of an ``e``-epoch run.
+    Model ``s`` minimises ``mean CE + weight_decay_s / 2 * (||W1_s||^2 + ||W2_s||^2)`` (biases and BatchNorm not
+    decayed: the decay is added to the weights' gradients, as Adam's ``weight_decay`` would), and the models
+    share minibatches, so each one follows the run it would follow alone. Each epoch visits the rows in a fresh
+    order; a last minibatch of a single row is skipped (BatchNorm needs two). Initial weights and row orders
+    come from one CPU generator, each model's dropout masks from one on ``x.device``, all seeded with ``seed``:
+    with a constant learning rate the models at epoch ``e`` are exactly those of an ``e``-epoch run.
     """
     gen = torch.Generator().manual_seed(int(seed))
-    model = _MLP(x.shape[1], hidden, num_classes, dropout, gen).to(x.device)
-    drop_gen = torch.Generator(device=x.device).manual_seed(int(seed))
-    decayed = [model.w1, model.w2]
-    others = [model.b1, model.b2, model.bn.weight, model.bn.bias]
-    opt = torch.optim.Adam([{"params": decayed, "weight_decay": weight_decay},
-                            {"params": others, "weight_decay": 0.0}], lr=lr)
-    n = x.shape[0]
-    model.train()
+    models = _MLPs(x.shape[1], hidden, num_classes, [p for p, _ in settings], gen).to(x.device)
+    drop_gens = [torch.Generator(device=x.device).manual_seed(int(seed)) if p > 0 else None for p, _ in settings]
+    decay = torch.tensor([wd for _, wd in settings], dtype=torch.float32, device=x.device)[:, None, None]
+    opt = torch.optim.Adam(models.parameters(), lr=lr)
+    n, count = x.shape[0], len(settings)
+    models.train()
     for epoch in range(1, epochs + 1):
         order = torch.randperm(n, generator=gen).to(x.device)
-        for s in range(0, n, batch_size):
-            idx = order[s:s + batch_size]
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
             if idx.shape[0] < 2:
                 continue
-            loss = F.cross_entropy(model(x.index_select(0, idx), drop_gen), y.index_select(0, idx))
+            logits = models(x.index_select(0, idx), drop_gens)  # (S, B, C)
+            targets = y.index_select(0, idx).repeat(count)
+            loss = F.cross_entropy(logits.reshape(-1, num_classes), targets, reduction="sum") / idx.shape[0]
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            with torch.no_grad():
+                models.w1.grad.add_(decay * models.w1)
+                models.w2.grad.add_(decay * models.w2)
             opt.step()
             if bar is not None:
                 bar.update(1)
         if epoch in checkpoints and on_checkpoint is not None:
-            on_checkpoint(epoch, model)
-    model.eval()
-    return model
+            on_checkpoint(epoch, models)
+    models.eval()
+    return models
+
+
+def _train_mlp(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, hidden: int, dropout: float,
+               weight_decay: float, epochs: int, lr: float, batch_size: int, seed: int, bar=None) -> _MLPs:
+    """One MLP (:func:`_train_mlps` with the single setting ``(dropout, weight_decay)``)."""
+    return _train_mlps(x, y, num_classes=num_classes, hidden=hidden, settings=[(dropout, weight_decay)],
+                       epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, bar=bar)
 
 
 def mlp_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
@@ -459,7 +490,8 @@ def mlp_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor
     value or a sequence of values; every combination is a setting.
 
     1. ``stratified_split(train_y, val_fraction, seed)``; mean/std from the train part only.
-    2. One Adam run of ``max(epochs)`` epochs per (width, dropout, weight decay), constant ``lr``,
+    2. One Adam run of ``max(epochs)`` epochs per (width, dropout, weight decay) -- the settings of one width
+       trained side by side as one batched model on the same minibatches --, constant ``lr``,
        minibatches of ``batch_size`` (loss ``mean CE + wd / 2 * ||weights||^2``); validation accuracy
        recorded after each epoch count in ``epochs``. Every run starts from the same seeded state.
     3. Choose the best validation accuracy (ties: fewer epochs, then the narrower layer, then the larger
@@ -506,24 +538,28 @@ def mlp_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor
     y = y_cpu[order].to(dev)
     n_tr = tr.shape[0]
     x_val, y_val = x[n_tr:], y[n_tr:]
-    settings = [(h, p, wd) for h in widths for p in drops for wd in wds]
+    per_width = [(p, wd) for p in drops for wd in wds]
     grid: list[dict] = []
     bar = None
     if progress:
-        bar = make_bar(total=len(settings) * eps[-1] * math.ceil(n_tr / batch_size), desc="mlp probe (selection)",
+        bar = make_bar(total=len(widths) * eps[-1] * math.ceil(n_tr / batch_size), desc="mlp probe (selection)",
                        unit="step")
     try:
-        for h, p, wd in settings:
-            def record(epoch: int, model: _MLP, h=h, p=p, wd=wd) -> None:
-                acc = accuracy(model.predict(x_val), y_val)
-                grid.append({"hidden": h, "dropout": p, "weight_decay": wd, "epochs": epoch, "val_acc": acc})
+        for h in widths:  # the settings of one width side by side (one batched model), widths one after the other
+            def record(epoch: int, models: _MLPs, h=h) -> None:
+                for (p, wd), pred in zip(per_width, models.predict(x_val).view(len(per_width), -1)):
+                    grid.append({"hidden": h, "dropout": p, "weight_decay": wd, "epochs": epoch,
+                                 "val_acc": accuracy(pred, y_val)})
 
-            _train_mlp(x[:n_tr], y[:n_tr], num_classes=num_classes, hidden=h, dropout=p, weight_decay=wd,
-                       epochs=eps[-1], lr=lr, batch_size=batch_size, seed=seed, checkpoints=eps,
-                       on_checkpoint=record, bar=bar)
+            _train_mlps(x[:n_tr], y[:n_tr], num_classes=num_classes, hidden=h, settings=per_width,
+                        epochs=eps[-1], lr=lr, batch_size=batch_size, seed=seed, checkpoints=eps,
+                        on_checkpoint=record, bar=bar)
     finally:
         if bar is not None:
             bar.close()
+    # listed setting by setting (width, dropout, weight decay, then epochs), as the settings were given
+    grid.sort(key=lambda g: (widths.index(g["hidden"]), drops.index(g["dropout"]), wds.index(g["weight_decay"]),
+                             g["epochs"]))
     best = min(grid, key=lambda g: (-g["val_acc"], g["epochs"], g["hidden"], -g["weight_decay"], -g["dropout"]))
     chosen = {k: best[k] for k in ("hidden", "dropout", "weight_decay", "epochs")} | {"lr": lr}
 
