@@ -622,11 +622,14 @@ def _as_list(value, what: str) -> list:
     return [value]
 
 
-def _resolve_shortlist(shortlist: str, device: torch.device) -> bool:
+def _shortlist_bank(bank: torch.Tensor, shortlist: str) -> torch.Tensor | None:
+    """The unit-norm ``bank`` in bfloat16 when ``shortlist`` asks for a bfloat16 shortlist (``bf16``, or ``auto``
+    on a CPU with native bfloat16), else None (float32 throughout)."""
     if shortlist not in ("auto", "bf16", "off"):
         raise ConfigError(f"shortlist must be auto, bf16 or off, got {shortlist!r}")
     # CUDA's float32 products are fast enough for k-NN that no shortlist is needed there
-    return shortlist == "bf16" or (shortlist == "auto" and device.type == "cpu" and native_bf16(device))
+    wanted = shortlist == "bf16" or (shortlist == "auto" and bank.device.type == "cpu" and native_bf16(bank.device))
+    return bank.to(torch.bfloat16) if wanted else None
 
 
 def _top_neighbours(q: torch.Tensor, bank: torch.Tensor, bank_low: torch.Tensor | None, k: int,
@@ -712,7 +715,7 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Ten
     k = _check_knn_args(k, temperature, chunk)
     num_classes = _resolve_classes(train_y, num_classes)
     bank = _l2_normalised(train_x, train_x.device)
-    bank_low = bank.to(torch.bfloat16) if _resolve_shortlist(shortlist, bank.device) else None
+    bank_low = _shortlist_bank(bank, shortlist)
     return _knn_from_bank(bank, train_y.to(bank.device, torch.int64), query_x, None, pairs=[(k, temperature)],
                           num_classes=num_classes, chunk=chunk, bank_low=bank_low)[0]
 
@@ -744,7 +747,7 @@ def knn_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor
     _check_val_fraction(val_fraction)
     num_classes = _resolve_classes(train_y, num_classes)
     bank = _l2_normalised(train_x, train_x.device)
-    bank_low = bank.to(torch.bfloat16) if _resolve_shortlist(shortlist, bank.device) else None
+    bank_low = _shortlist_bank(bank, shortlist)
     y = train_y.to(bank.device, torch.int64)
     _, va = stratified_split(y, val_fraction, seed)
     if va.shape[0] == 0:
