@@ -3,7 +3,8 @@
 # changed alone against today's recipe, two seeds per cell, evaluated with onepoch's protocol (--eval: the
 # recipe's grid and full features, linear and k-NN probes chosen on the validation split). The paper
 # protocol is run afterwards on the same checkpoints (docs/reproducing_emp_ssl.md gives the command).
-# Resumes cell by cell: a run with eval.json is skipped, a cut-short run is resumed.
+# Resumes cell by cell: a run with eval.json is skipped, a cut-short run is resumed. Embeddings are float32
+# (eval.amp=off), as they were for every cell: eval.amp=auto embeds in bf16 on CPUs with AMX.
 #
 #   DATA=data ONEPOCH="onepoch" OUT=runs/emp_ssl_ablation bash scripts/emp_ssl_ablation.sh [CELL ...]
 #
@@ -27,8 +28,10 @@ declare -A CELLS=(
   [jpeg95]="data.root=$DATA/cifar10-q95"     # ... at quality 95
   [jpeg55]="data.root=$DATA/cifar10-q55"     # ... at quality 55: a second loss as large as the first (5.8/255)
   [norm05]="views.mean=[0.5,0.5,0.5] views.std=[0.5,0.5,0.5]"  # the official code's input normalisation
+  [dp4]="method.bn_chunks=4"                 # BatchNorm as the official nn.DataParallel computes it on 4 GPUs
+  [dp8]="method.bn_chunks=8"                 # ... on 8 GPUs
 )
-ORDER=(base sched2 sched30 bf16 jpeg55 jpeg75 jpeg95 norm05)
+ORDER=(base sched2 sched30 bf16 jpeg55 jpeg75 jpeg95 norm05 dp4 dp8)
 if [ $# -gt 0 ]; then ORDER=("$@"); fi
 
 for seed in $SEEDS; do
@@ -41,7 +44,7 @@ for seed in $SEEDS; do
     if [ -f "$run/config.yaml" ]; then resume="--resume"; fi
     # shellcheck disable=SC2086
     cmd="$ONEPOCH train emp_ssl/cifar10_cpu data.root=$DATA/cifar10 ${CELLS[$cell]} seed=$seed name=$name \
-train.out=$OUT train.threads=$THREADS $resume --eval"
+train.out=$OUT train.threads=$THREADS eval.amp=off $resume --eval"
     echo "ablation: $cmd"
     $cmd
   done

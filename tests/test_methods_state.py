@@ -250,6 +250,53 @@ def test_bn_views_sets_the_batch_of_every_network_pass(name, mode):
     torch.testing.assert_close(feats[:8], alone if mode == "separate" else together)
 
 
+def test_emp_ssl_bn_chunks_computes_what_dataparallel_replicas_compute():
+    """``method.bn_chunks=G``: nn.DataParallel over G GPUs as the official EMP-SSL code runs it. The
+    reference is built the way DataParallel works, not from onepoch's helper: G copies of the network
+    (replicas), replica g on the g-th piece of ``rows.chunk(G)`` as its scatter cuts them (18 rows into 4:
+    5, 5, 5, 3, where an even split would give 5, 5, 4, 4), the
+    outputs gathered for the loss, the gradients summed over the replicas, and the running statistics
+    those of the first replica."""
+    import copy
+
+    from onepoch.losses import emp_ssl_loss
+
+    model = small_model("emp_ssl", "method.bn_chunks=4")
+    replicas = [copy.deepcopy(model) for _ in range(4)]
+    sizes = batch_sizes(model, NETWORKS["emp_ssl"])
+    x = torch.randn(3, 6, 1, 12, 12)  # 3 patches of 6 images, patch-major: 18 rows
+    loss, _, feats = model([x])
+    loss.backward()
+    assert sizes == {n: [5, 5, 5, 3] for n in NETWORKS["emp_ssl"]}
+
+    pieces = x.flatten(0, 1).split([5, 5, 5, 3])
+    h = [r.backbone(piece) for r, piece in zip(replicas, pieces)]
+    z = torch.cat([r.projection(r.pre_feature(hi)) for r, hi in zip(replicas, h)]).unflatten(0, (3, 6))
+    config = model.config
+    ref_loss, _ = emp_ssl_loss(F.normalize(z.float(), dim=-1), eps=config.eps, invariance_weight=config.invariance_weight)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(feats, torch.cat(h).detach())
+    for (key, p), *copies in zip(model.named_parameters(), *(r.parameters() for r in replicas)):
+        torch.testing.assert_close(p.grad, sum(c.grad for c in copies), rtol=1e-4, atol=1e-6, msg=key)
+    for (key, b), (_, first) in zip(model.named_buffers(), replicas[0].named_buffers()):
+        torch.testing.assert_close(b, first, rtol=0, atol=0, msg=key)
+    assert all(b.item() == 1 for key, b in model.named_buffers() if key.endswith("num_batches_tracked"))
+    # one chunk is the joint batch exactly; the momentum of every BatchNorm layer is restored
+    joint, one = small_model("emp_ssl"), small_model("emp_ssl", "method.bn_chunks=1")
+    torch.testing.assert_close(joint([x])[0], one([x])[0], rtol=0, atol=0)
+    assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)} == {0.1}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["method.bn_chunks=0"], "method.bn_chunks must be an integer >= 1, got 0"),
+    (["method.bn_chunks=4", "method.bn_views=separate"], "needs method.bn_views=joint, got 'separate'"),
+])
+def test_emp_ssl_bn_chunks_refuses_what_it_cannot_do(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("emp_ssl/fashion_mnist_demo", overrides)
+
+
 @pytest.mark.parametrize("mode", ["joint", "separate"])
 def test_byol_target_follows_the_online_bn_policy(mode):
     """At the start the target is a copy of the online network: fed the views the same way, its

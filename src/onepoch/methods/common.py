@@ -5,7 +5,8 @@ the EMA target networks of BYOL and ReSSL."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -33,6 +34,43 @@ def per_view(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bn_vie
     v, b = x.shape[:2]
     out = fn(x.flatten(0, 1)) if bn_views == "joint" else torch.cat([fn(x[i]) for i in range(v)])
     return out.unflatten(0, (v, b))
+
+
+def in_bn_chunks(module: nn.Module, rows: torch.Tensor, chunks: int) -> torch.Tensor:
+    """``module`` on ``rows`` split into ``chunks`` contiguous pieces (``rows.chunk(chunks)``), each
+    piece its own BatchNorm batch, outputs concatenated in order: what ``nn.DataParallel`` over
+    ``chunks`` GPUs computes, which scatters the batch that way and runs one replica per piece.
+
+    Running statistics are updated from the first piece only, as DataParallel keeps those of the
+    replica on its first device (the others are discarded). ``chunks=1`` is ``module(rows)``.
+    """
+    if chunks < 1:
+        raise ValueError(f"chunks must be >= 1, got {chunks}")
+    pieces = rows.chunk(chunks)
+    if len(pieces) == 1:
+        return module(rows)
+    out = [module(pieces[0])]
+    with _running_statistics_kept(module):
+        out += [module(piece) for piece in pieces[1:]]
+    return torch.cat(out)
+
+
+@contextmanager
+def _running_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """Within the block, BatchNorm layers of ``module`` normalise with batch statistics but leave
+    their running statistics and batch count as they are (momentum 0: running ← 1·running + 0·batch)."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in layers]
+    try:
+        for m in layers:
+            m.momentum = 0.0
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(layers, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
 
 
 def stack_views(views: list[torch.Tensor]) -> torch.Tensor:

@@ -8,6 +8,13 @@ that the bag-of-features evaluation averages over patches), then ``projection`` 
 ``bn_views`` (default ``joint``): the official code concatenates all patches of the batch and runs
 the network once on the n·B patches, so BatchNorm statistics span all patches; ``separate`` runs
 each patch index (B patches, one per image) as its own batch.
+
+``bn_chunks`` (default 1, with ``joint``): BatchNorm statistics over that many contiguous pieces of the
+patch-major batch, what the official code computes on that many GPUs: it wraps the network in
+``nn.DataParallel``, which splits the n·B rows into one piece per GPU (e.g. 4 GPUs, 20 patches: 5 patch
+indices per piece) and keeps the running statistics of the first piece (:func:`in_bn_chunks`). The loss
+sees every row, so on one GPU (``bn_chunks=1``) nothing changes. The official README does not say how many
+GPUs its runs used.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from torch import nn
 from onepoch.distributed import gather_batch
 from onepoch.errors import ConfigError
 from onepoch.losses import emp_ssl_loss
-from onepoch.methods.common import check_bn_views, per_view, stack_views
+from onepoch.methods.common import check_bn_views, in_bn_chunks, per_view, stack_views
 from onepoch.models import mlp, parse_mlp_spec
 
 
@@ -32,9 +39,15 @@ class EmpSSLConfig:
     eps: float = 0.2                 # ε of the total coding rate, scale d/(B·ε)
     invariance_weight: float = 200.0  # λ
     bn_views: str = "joint"          # all patches in one batch, as the official code
+    bn_chunks: int = 1               # BatchNorm over this many pieces of that batch: nn.DataParallel on this many GPUs
 
     def __post_init__(self):
         check_bn_views(self.bn_views)
+        if not isinstance(self.bn_chunks, int) or isinstance(self.bn_chunks, bool) or self.bn_chunks < 1:
+            raise ConfigError(f"method.bn_chunks must be an integer >= 1, got {self.bn_chunks!r}")
+        if self.bn_chunks > 1 and self.bn_views != "joint":
+            raise ConfigError(f"method.bn_chunks={self.bn_chunks} splits the joint batch; it needs "
+                              f"method.bn_views=joint, got {self.bn_views!r}")
         parse_mlp_spec(self.pre_feature)
         parse_mlp_spec(self.projector)
         if not self.eps > 0:
@@ -66,9 +79,16 @@ class EmpSSL(nn.Module):
         return {"backbone": h, "pre_feature": pre, "projector": self.projection(pre)}
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        mode = self.config.bn_views
-        h = per_view(self.backbone, stack_views(views), mode)
-        z = per_view(self.projection, per_view(self.pre_feature, h, mode), mode)
+        mode, chunks = self.config.bn_views, self.config.bn_chunks
+        x = stack_views(views)
+        if chunks > 1:  # the same pieces through every module: BatchNorm is the only layer that mixes rows
+            v, b = x.shape[:2]
+            h = in_bn_chunks(self.backbone, x.flatten(0, 1), chunks)
+            z = in_bn_chunks(self.projection, in_bn_chunks(self.pre_feature, h, chunks), chunks)
+            h, z = h.unflatten(0, (v, b)), z.unflatten(0, (v, b))
+        else:
+            h = per_view(self.backbone, x, mode)
+            z = per_view(self.projection, per_view(self.pre_feature, h, mode), mode)
         z = gather_batch(F.normalize(z.float(), dim=-1), dim=1)  # the global batch under DDP
         loss, parts = emp_ssl_loss(z, eps=self.config.eps, invariance_weight=self.config.invariance_weight)
         return loss, parts, h.flatten(0, 1)
