@@ -1,7 +1,9 @@
 """How often a 2-process torchrun launch ends with a rank aborted at exit.
 
-The abort: after its work was done, a rank now and then died in the C++ teardown at interpreter exit
-with ``terminate called without an active exception`` (SIGABRT, exit -6). A torchrun worker of
+The abort: after its work was done, a rank now and then died at interpreter exit with ``terminate called
+without an active exception`` (SIGABRT, exit -6): gloo's worker thread, releasing the last collective, took the
+GIL while the interpreter finalized, and CPython ended that thread with pthread_exit, whose unwinding met a
+noexcept frame (docs/reliability.md). A torchrun worker of
 onepoch now ends with ``os._exit`` once its output is flushed (``onepoch.distributed.exit_process``).
 This script launches N uninterrupted 2-process runs, one after the other, and counts the launches in
 which a rank aborted (exit -6 or 134, or ``terminate called`` in the output) or that failed otherwise:
@@ -18,10 +20,14 @@ generated 100-image dataset, 20 steps, checkpoints every 4) under ``torch.distri
 joins a gloo group with ``onepoch.distributed.start``, runs a few all_reduce calls and leaves it with
 ``onepoch.distributed.stop`` (a few seconds a launch).
 
+``--backtraces DIR`` compiles scripts/sigabrt_backtrace.c (needs a C compiler) and preloads it into every
+process: an aborting thread writes its native backtrace to DIR/<pid>-<tid>.txt (read it with ``c++filt``),
+and each aborted launch's line names its files. That is how the abort was found (docs/reliability.md).
+
 Exit paths: ``os_exit`` is today's (``python -m onepoch``; the collectives worker calls
 ``exit_process(0)``). ``teardown`` is the one before the fix: the worker is a file holding the old
 ``onepoch/__main__.py``, ``raise SystemExit(main())`` (the collectives worker ends with
-``raise SystemExit(0)``), so the interpreter exits normally, with its C++ teardown. Nothing in the
+``raise SystemExit(0)``), so the interpreter exits normally and finalizes. Nothing in the
 library is switched; everything else is the same code.
 """
 
@@ -78,6 +84,18 @@ def verdict(returncode: int, stderr: str) -> str | None:
     return None
 
 
+def backtrace_environment(directory: Path) -> dict[str, str]:
+    """LD_PRELOAD and ABRT_DIR for scripts/sigabrt_backtrace.c, compiled into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise SystemExit("torchrun_abort_rate.py: error: --backtraces needs a C compiler (cc, or set CC)")
+    library = directory.resolve() / "sigabrt_backtrace.so"
+    source = Path(__file__).with_name("sigabrt_backtrace.c")
+    subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", str(library), str(source)], check=True)
+    return {"LD_PRELOAD": str(library), "ABRT_DIR": str(directory.resolve())}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--launches", type=int, default=100, metavar="N", help="launches, one after the other (100)")
@@ -85,8 +103,12 @@ def main() -> int:
     p.add_argument("--exit-path", choices=list(EXITS), default="os_exit",
                    help="os_exit: today's; teardown: the normal interpreter exit before the fix")
     p.add_argument("--timeout", type=float, default=600, help="seconds a launch may take (600)")
+    p.add_argument("--backtraces", type=Path, metavar="DIR",
+                   help="write the native backtrace of every aborting thread into DIR (compiles a small C helper)")
     args = p.parse_args()
     env = {**os.environ, "ONEPOCH_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    if args.backtraces:
+        env.update(backtrace_environment(args.backtraces))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "--max-restarts=0"]
     aborted = failed = 0
@@ -101,6 +123,7 @@ def main() -> int:
             worker = ["-m", "onepoch"] if args.exit_path == "os_exit" else [str(tmp / "old_main.py")]
             command = [*torchrun, *worker, "train", *TRAIN, f"data.root={make_blobs(tmp / 'blobs', n_train=100, n_test=20)}",
                        f"train.out={tmp / 'runs'}", "name=run"]
+        seen = set(args.backtraces.glob("*.txt")) if args.backtraces else set()
         for i in range(1, args.launches + 1):
             proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     start_new_session=True)  # its own group: a hung launch is killed whole
@@ -112,6 +135,10 @@ def main() -> int:
                 proc.communicate()
                 problem = f"failed: timed out after {args.timeout:.0f} s"
             shutil.rmtree(tmp / "runs", ignore_errors=True)
+            if problem and args.backtraces:
+                stacks = sorted(set(args.backtraces.glob("*.txt")) - seen)
+                seen.update(stacks)
+                problem += f"; backtraces: {', '.join(map(str, stacks)) or 'none written'}"
             if problem:
                 aborted += problem.startswith("aborted")
                 failed += not problem.startswith("aborted")

@@ -56,3 +56,17 @@ def test_collectives_launches_on_todays_exit_path_do_not_abort():
     assert summary, proc.stdout + proc.stderr[-3000:]
     assert summary.groups() == ("0", "3", "os_exit", "collectives", "0"), proc.stdout  # no launch aborted or failed
     assert len(lines) == 1 and proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(__import__("shutil").which("cc") is None, reason="needs a C compiler")
+def test_the_backtrace_helper_writes_the_aborting_threads_native_stack(tmp_path):
+    """--backtraces: scripts/sigabrt_backtrace.c, preloaded, writes the stack of the thread that aborts (here
+    Python's os.abort on the main thread, through libc's abort) and the process still ends with SIGABRT."""
+    environment = script().backtrace_environment(tmp_path / "stacks")
+    proc = subprocess.run([sys.executable, "-c", "import os; os.abort()"], env={**__import__("os").environ,
+                          **environment}, capture_output=True, timeout=60)
+    assert proc.returncode == -6
+    (stack,) = (tmp_path / "stacks").glob("*.txt")
+    text = stack.read_text()
+    assert re.match(r"SIGABRT in process (\d+), thread \1 \(the main thread\)\n", text), text[:200]
+    assert re.search(r"libc\.so\.6\(abort\+", text), text

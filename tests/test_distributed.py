@@ -3,6 +3,7 @@ with the same global batch, rank 0 writes, a killed rank is restarted by torchru
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -194,9 +195,8 @@ def test_ranks_with_different_configs_stop_before_writing(tmp_path, blobs100):
 
 
 def test_stop_leaves_the_process_group_before_the_process_exits(tmp_path):
-    """Issue 29 (the torchrun abort): a group never destroyed is torn down by the C++ registry's static
-    destructor at exit, racing gloo's threads. stop() destroys it (after a barrier) and may be called
-    again; here on a 1-process gloo group."""
+    """A rank leaves its process group before it returns (a barrier first, so no rank leaves while
+    another still sends), and stop() may be called again; here on a 1-process gloo group."""
     import torch.distributed as dist
 
     from onepoch.distributed import stop
@@ -231,11 +231,9 @@ def test_onepoch_train_leaves_the_process_group_however_training_ends(tmp_path, 
 
 @pytest.mark.parametrize("world_size", ["1", "2"])
 def test_a_torchrun_worker_ends_without_the_interpreters_teardown(world_size):
-    """The torchrun abort: a 2-process run's rank now and then died at exit, after its work, with
-    `terminate called without an active exception` (SIGABRT) from the C++ teardown (1 of 100 training
-    launches, about 1 in 10 of a collectives-only worker; leaving the group first did not help). A
-    worker (WORLD_SIZE > 1) now ends with os._exit once its output is flushed: no atexit handler runs,
-    its output and exit status stay. A plain process exits as before."""
+    """The fix of the torchrun abort (the test below shows its cause): a worker (WORLD_SIZE > 1) started
+    as `python -m onepoch` ends with os._exit once its output is flushed, so the interpreter does not
+    finalize (no atexit handler runs); its output and exit status stay. A plain process exits as before."""
     code = ("import atexit, runpy, sys; atexit.register(lambda: print('teardown ran', flush=True)); "
             "sys.argv = ['onepoch', 'recipes']; runpy.run_module('onepoch', run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code], env={**env(), "WORLD_SIZE": world_size, "RANK": "0"},
@@ -243,3 +241,63 @@ def test_a_torchrun_worker_ends_without_the_interpreters_teardown(world_size):
     assert proc.returncode == 0, proc.stderr
     assert "emp_ssl/fashion_mnist_demo" in proc.stdout                 # the command's output is all there
     assert ("teardown ran" in proc.stdout) == (world_size == "1")
+
+
+# A worker where gloo's thread needs the interpreter while it finalizes: the callback of rank 1's all-reduce
+# runs on that thread when the all-reduce completes, which rank 0 delays by 1 s, by when rank 1 has ended
+# its Python code and sits in the interpreter's finalization (held there by a module global's __del__).
+FINALIZATION_RACE = """\
+import os, sys, time
+import torch
+import torch.distributed as dist
+from onepoch import distributed
+
+world = distributed.launched_world()
+distributed.start(world, "gloo", "cpu")
+x = torch.ones(1000)
+if world.rank == 0:                       # joins late, exits without a teardown either way
+    time.sleep(1)
+    dist.all_reduce(x, async_op=True)
+    time.sleep(2)
+    os._exit(0)
+
+
+class HeldFinalization:
+    def __del__(self):                    # runs while the interpreter finalizes its modules
+        time.sleep(10)
+
+
+held = HeldFinalization()
+work = dist.all_reduce(x, async_op=True)
+work.get_future().then(lambda future: None)   # Python code, to be run on gloo's thread
+print("rank 1 done", flush=True)
+if sys.argv[1] == "exit_process":
+    distributed.exit_process(0)
+raise SystemExit(0)                       # the interpreter's own exit, as before the fix
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exit_path", ["teardown", "exit_process"])
+def test_the_torchrun_abort_is_gloos_thread_meeting_a_finalizing_interpreter(tmp_path, exit_path):
+    """Issue 29, the torchrun abort, found: a native backtrace of an aborted rank (an LD_PRELOAD SIGABRT
+    handler, docs/reliability.md) shows gloo's worker thread (ProcessGroupGloo::runLoop) releasing the last
+    reference to a tensor whose Python object it owned (TensorImpl::decref_pyobject), which takes the
+    GIL; the interpreter was finalizing, so CPython ended that thread with pthread_exit, whose forced
+    unwinding met a noexcept frame: std::terminate, `terminate called without an active exception`.
+    Whether the last collective's release comes before or during finalization is a race (1 in 23 to
+    150 training launches). This worker forces the same path: its Python callback must run on gloo's
+    thread during finalization. With the interpreter's own exit the rank aborts, every time; ending with
+    onepoch.distributed.exit_process (os._exit after flushing, what `python -m onepoch` does under
+    torchrun) skips the finalization, and the launch succeeds."""
+    (tmp_path / "worker.py").write_text(FINALIZATION_RACE)
+    proc = subprocess.run(torchrun(str(tmp_path / "worker.py"), exit_path), env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert "rank 1 done" in proc.stdout
+    if exit_path == "teardown":
+        assert proc.returncode != 0
+        assert "terminate called without an active exception" in proc.stderr
+        assert re.search(r"rank\s*:\s*1.*?\n\s*exitcode\s*:\s*-6", proc.stderr, re.S), proc.stderr[-2000:]
+    else:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "terminate called" not in proc.stderr

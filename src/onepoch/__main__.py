@@ -1,4 +1,4 @@
 from onepoch.cli import main
 from onepoch.distributed import exit_process
 
-exit_process(main())  # a torchrun worker ends with os._exit, skipping a racy C++ teardown
+exit_process(main())  # a torchrun worker ends with os._exit: no finalization for gloo's thread to meet

@@ -195,13 +195,14 @@ def exit_process(code: int) -> None:
     """End a process that torchrun started (``WORLD_SIZE`` > 1) with ``os._exit(code)`` once its output
     is flushed; any other process with ``SystemExit(code)``.
 
-    Why: after a distributed run, the process's C++ teardown at exit (static destructors of torch's and
-    gloo's objects, after Python has finished) now and then met a thread object still joinable and
-    aborted the rank: ``terminate called without an active exception``, SIGABRT, torchrun reporting the
-    run failed after it had finished. Leaving the group first (:func:`stop`) did not prevent it (2 of 60
-    two-process launches of a collectives-only worker still aborted); skipping that teardown does (0 of
-    60; docs/reliability.md). A worker has nothing left to do at that point: its files are written and
-    closed, its pools shut down."""
+    Why: after a distributed run, a rank now and then aborted at exit with ``terminate called without an
+    active exception`` (SIGABRT), torchrun reporting the run failed after it had finished. The cause
+    (docs/reliability.md): gloo's worker thread releases the last collective's tensors after the Python
+    code has moved on; when that release frees a tensor whose Python object the tensor owns, it takes
+    the GIL, and if the interpreter is finalizing by then, CPython ends the thread with
+    ``pthread_exit``, whose unwinding meets a ``noexcept`` frame of ``ProcessGroupGloo::runLoop``:
+    ``std::terminate``. ``os._exit`` skips the finalization, so no thread can meet it. A worker has
+    nothing left to do at that point: its files are written and closed, its pools shut down."""
     if launched_world().size > 1:
         for stream in (sys.stdout, sys.stderr):
             try:
