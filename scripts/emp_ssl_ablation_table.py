@@ -27,6 +27,8 @@ CELLS = {
     "jpeg95": "... quality 95 (0.83/255)",
     "jpeg55": "... quality 55 (5.8/255: a second loss as large as the first)",
     "norm05": "inputs normalised with mean 0.5, std 0.5 (the official code) instead of the data's statistics",
+    "dp4": "BatchNorm over 4 pieces of the batch, as the official nn.DataParallel on 4 GPUs",
+    "dp8": "... on 8 GPUs",
 }
 # (title, feature, probe, field)
 COLUMNS = [
