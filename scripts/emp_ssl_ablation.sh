@@ -30,8 +30,10 @@ declare -A CELLS=(
   [norm05]="views.mean=[0.5,0.5,0.5] views.std=[0.5,0.5,0.5]"  # the official code's input normalisation
   [dp4]="method.bn_chunks=4"                 # BatchNorm as the official nn.DataParallel computes it on 4 GPUs
   [dp8]="method.bn_chunks=8"                 # ... on 8 GPUs
+  [base_w05]="model.width=0.5"               # base and sched2 at twice the width: does the schedule matter more
+  [sched2_w05]="model.width=0.5 optim.schedule_epochs=2"  # in a larger network?
 )
-ORDER=(base sched2 sched30 bf16 jpeg55 jpeg75 jpeg95 norm05 dp4 dp8)
+ORDER=(base sched2 sched30 bf16 jpeg55 jpeg75 jpeg95 norm05 dp4 dp8 base_w05 sched2_w05)
 if [ $# -gt 0 ]; then ORDER=("$@"); fi
 
 for seed in $SEEDS; do

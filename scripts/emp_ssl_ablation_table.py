@@ -3,7 +3,7 @@
 
 Reads ``<OUT>/<cell>_seed<s>/eval.json`` and prints one Markdown row per cell: the seeds found, then each
 number as the mean ± standard deviation over them (test accuracy in %), and the change of the mean against
-the ``base`` cell. Columns: onepoch's protocol (probes chosen on a validation split) on ``grid`` and ``full``
+the ``base`` cell (``sched2_w05`` against ``base_w05``). Columns: onepoch's protocol (probes chosen on a validation split) on ``grid`` and ``full``
 (from ``--eval``) and on the bag of 16 patches, and EMP-SSL's official protocol on the same bag (linear probe:
 its last epoch, and its best epoch chosen on the test set as the paper reports it; k-NN k = 20, T = 0.07).
 A cell or number not measured yet shows ``-``.
@@ -29,7 +29,10 @@ CELLS = {
     "norm05": "inputs normalised with mean 0.5, std 0.5 (the official code) instead of the data's statistics",
     "dp4": "BatchNorm over 4 pieces of the batch, as the official nn.DataParallel on 4 GPUs",
     "dp8": "... on 8 GPUs",
+    "base_w05": "base at twice the width (model.width=0.5)",
+    "sched2_w05": "sched2 at twice the width (against base_w05)",
 }
+REFERENCE = {"base": None, "base_w05": None, "sched2_w05": "base_w05"}  # what a cell's change is against; else base
 # (title, feature, probe, field)
 COLUMNS = [
     ("grid linear", "grid", "linear", "test_acc"),
@@ -68,12 +71,13 @@ def fmt(vals: list[float], base: list[float] | None) -> str:
 
 
 def table(out: Path) -> str:
-    base = read_cell(out, "base")
     lines = ["| cell | what changes | seeds | " + " | ".join(c[0].strip() for c in COLUMNS) + " |",
              "|---|---|---|" + "---:|" * len(COLUMNS)]
     for cell, what in CELLS.items():
         runs = read_cell(out, cell)
-        cols = [fmt(values(runs, *c[1:]), None if cell == "base" else values(base, *c[1:])) for c in COLUMNS]
+        reference = REFERENCE.get(cell, "base")
+        base = read_cell(out, reference) if reference else {}
+        cols = [fmt(values(runs, *c[1:]), values(base, *c[1:]) if reference else None) for c in COLUMNS]
         seeds = ", ".join(map(str, sorted(runs))) or "-"
         lines.append(f"| {cell} | {what} | {seeds} | " + " | ".join(cols) + " |")
     return "\n".join(lines)
