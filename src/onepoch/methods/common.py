@@ -23,16 +23,21 @@ def check_bn_views(value: str) -> None:
         raise ConfigError(f"method.bn_views must be one of {', '.join(BN_VIEWS)}, got {value!r}")
 
 
-def per_view(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bn_views: str) -> torch.Tensor:
+def per_view(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, bn_views: str,
+             bn_chunks: int = 1) -> torch.Tensor:
     """``fn`` (a batch of rows in, rows out) on views ``x`` of shape (V, B, ...), giving (V, B, ...).
 
-    ``joint``: one call on all V·B rows, so BatchNorm normalises with statistics over every view;
-    ``separate``: one call per view, so each view's B rows are their own batch (BatchNorm statistics
-    of one view at a time), as two separate forward passes of two views do.
+    ``joint``: one call on all V·B rows, so BatchNorm normalises with statistics over every view
+    (with ``bn_chunks`` > 1, over each of that many pieces of them: :func:`in_bn_chunks`, which needs
+    ``fn`` to be a module); ``separate``: one call per view, so each view's B rows are their own batch
+    (BatchNorm statistics of one view at a time), as two separate forward passes of two views do.
     """
     check_bn_views(bn_views)
     v, b = x.shape[:2]
-    out = fn(x.flatten(0, 1)) if bn_views == "joint" else torch.cat([fn(x[i]) for i in range(v)])
+    if bn_views == "joint":
+        out = fn(x.flatten(0, 1)) if bn_chunks == 1 else in_bn_chunks(fn, x.flatten(0, 1), bn_chunks)
+    else:
+        out = torch.cat([fn(x[i]) for i in range(v)])
     return out.unflatten(0, (v, b))
 
 

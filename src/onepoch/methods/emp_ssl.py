@@ -12,7 +12,7 @@ each patch index (B patches, one per image) as its own batch.
 ``bn_chunks`` (default 1, with ``joint``): BatchNorm statistics over that many contiguous pieces of the
 patch-major batch, what the official code computes on that many GPUs: it wraps the network in
 ``nn.DataParallel``, which splits the n·B rows into one piece per GPU (e.g. 4 GPUs, 20 patches: 5 patch
-indices per piece) and keeps the running statistics of the first piece (:func:`in_bn_chunks`). The loss
+indices per piece) and keeps the running statistics of the first piece (``in_bn_chunks``). The loss
 sees every row, so on one GPU (``bn_chunks=1``) nothing changes. The official README does not say how many
 GPUs its runs used.
 """
@@ -28,7 +28,7 @@ from torch import nn
 from onepoch.distributed import gather_batch
 from onepoch.errors import ConfigError
 from onepoch.losses import emp_ssl_loss
-from onepoch.methods.common import check_bn_views, in_bn_chunks, per_view, stack_views
+from onepoch.methods.common import check_bn_views, per_view, stack_views
 from onepoch.models import mlp, parse_mlp_spec
 
 
@@ -79,16 +79,10 @@ class EmpSSL(nn.Module):
         return {"backbone": h, "pre_feature": pre, "projector": self.projection(pre)}
 
     def forward(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        # bn_chunks cuts every module's rows the same way: BatchNorm is the only layer that mixes rows
         mode, chunks = self.config.bn_views, self.config.bn_chunks
-        x = stack_views(views)
-        if chunks > 1:  # the same pieces through every module: BatchNorm is the only layer that mixes rows
-            v, b = x.shape[:2]
-            h = in_bn_chunks(self.backbone, x.flatten(0, 1), chunks)
-            z = in_bn_chunks(self.projection, in_bn_chunks(self.pre_feature, h, chunks), chunks)
-            h, z = h.unflatten(0, (v, b)), z.unflatten(0, (v, b))
-        else:
-            h = per_view(self.backbone, x, mode)
-            z = per_view(self.projection, per_view(self.pre_feature, h, mode), mode)
+        h = per_view(self.backbone, stack_views(views), mode, chunks)
+        z = per_view(self.projection, per_view(self.pre_feature, h, mode, chunks), mode, chunks)
         z = gather_batch(F.normalize(z.float(), dim=-1), dim=1)  # the global batch under DDP
         loss, parts = emp_ssl_loss(z, eps=self.config.eps, invariance_weight=self.config.invariance_weight)
         return loss, parts, h.flatten(0, 1)
